@@ -1,0 +1,346 @@
+//! Configuration from `ORCH_*` environment variables (SPEC §11).
+//!
+//! Read once per process into a plain struct that is passed down explicitly, so library
+//! callers and tests never depend on the process environment. A value that does not parse
+//! is a configuration error (exit 78). Tokens are wrapped in [`Secret`], whose `Debug`
+//! never shows the value.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Result;
+
+use crate::error::config_err;
+
+/// Variables holding secrets: removed from the environment of every child orchctl starts
+/// (agents, git, the notify hook), which never need orchctl's own credentials.
+pub const SECRET_VARS: [&str; 3] = [
+    "ORCH_GITEA_TOKEN",
+    "ORCH_PLANE_API_TOKEN",
+    "ORCH_PLANE_WEBHOOK_SECRET",
+];
+
+/// A token or key: usable, never printable.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Secret(value.into())
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Gitea {
+    pub url: String,
+    pub owner: String,
+    pub token: Option<Secret>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Plane {
+    pub url: String,
+    pub workspace: String,
+    pub token: Option<Secret>,
+}
+
+/// Plane state names that drive the pipeline (SPEC §6).
+#[derive(Debug, Clone)]
+pub struct StateNames {
+    pub stop: String,
+    pub to_analyse: String,
+    pub approved: String,
+    pub rejected: String,
+    pub confirm_deploy: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub repos_dir: PathBuf,
+    pub log_dir: PathBuf,
+    pub gitea: Option<Gitea>,
+    pub protected_branches: Vec<String>,
+    pub plane: Option<Plane>,
+    pub webhook_secret: Option<Secret>,
+    pub bot_user_id: Option<String>,
+    pub repo_map: Vec<(String, String)>,
+    pub default_repo: Option<String>,
+    pub project_identifiers: Vec<(String, String)>,
+    pub states: StateNames,
+    pub stop_enabled: bool,
+    pub stop_repos: Vec<String>,
+    pub stop_grace: Duration,
+    pub serial_gate: bool,
+    pub task_deps: bool,
+    pub notify_cmd: Option<Vec<String>>,
+    pub outbox_max_attempts: i64,
+    /// First retry delay of a failed side effect; doubles per attempt (capped at an hour).
+    pub outbox_backoff_secs: i64,
+    pub busy_timeout_ms: u64,
+    pub claim_timeout_secs: i64,
+    /// Bound on every HTTP request to Gitea or Plane.
+    pub http_timeout: Duration,
+    /// Bound on every git child process.
+    pub git_timeout: Duration,
+}
+
+/// The default state folder: `$XDG_STATE_HOME/orchctl` or `~/.local/state/orchctl`.
+pub fn state_dir(get: &dyn Fn(&str) -> Option<String>) -> PathBuf {
+    if let Some(x) = get("XDG_STATE_HOME").filter(|v| !v.is_empty()) {
+        return PathBuf::from(x).join("orchctl");
+    }
+    let home = get("HOME").unwrap_or_else(|| ".".into());
+    PathBuf::from(home).join(".local/state/orchctl")
+}
+
+/// Parses the boolean spellings of SPEC §11: `1/0`, `true/false`, `on/off` (and yes/no).
+pub fn parse_bool(name: &str, value: &str) -> Result<bool> {
+    match value.trim().to_ascii_lowercase().as_str() {
+        "1" | "true" | "on" | "yes" => Ok(true),
+        "0" | "false" | "off" | "no" => Ok(false),
+        _ => Err(config_err(format!(
+            "{name}={value:?} is not a boolean (use 1/0, true/false or on/off)"
+        ))),
+    }
+}
+
+fn csv(value: Option<String>) -> Vec<String> {
+    value
+        .unwrap_or_default()
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(String::from)
+        .collect()
+}
+
+fn pairs(name: &str, value: Option<String>) -> Result<Vec<(String, String)>> {
+    csv(value)
+        .into_iter()
+        .map(|item| match item.split_once('=') {
+            Some((k, v)) if !k.trim().is_empty() && !v.trim().is_empty() => {
+                Ok((k.trim().to_string(), v.trim().to_string()))
+            }
+            _ => Err(config_err(format!(
+                "{name}: {item:?} is not of the form <key>=<value>"
+            ))),
+        })
+        .collect()
+}
+
+impl Config {
+    /// Reads the process environment.
+    pub fn from_env() -> Result<Config> {
+        Config::from_lookup(&|k| std::env::var(k).ok())
+    }
+
+    /// Reads configuration through `get` (tests pass a map).
+    pub fn from_lookup(get: &dyn Fn(&str) -> Option<String>) -> Result<Config> {
+        let nonempty = |k: &str| get(k).filter(|v| !v.trim().is_empty());
+        let boolean = |k: &str, default: bool| -> Result<bool> {
+            match nonempty(k) {
+                Some(v) => parse_bool(k, &v),
+                None => Ok(default),
+            }
+        };
+        let number = |k: &str, default: i64, min: i64| -> Result<i64> {
+            match nonempty(k) {
+                Some(v) => match v.trim().parse::<i64>() {
+                    Ok(n) if n >= min => Ok(n),
+                    _ => Err(config_err(format!(
+                        "{k}={v:?} is not a whole number >= {min}"
+                    ))),
+                },
+                None => Ok(default),
+            }
+        };
+        let secs = |k: &str, default: f64| -> Result<Duration> {
+            match nonempty(k) {
+                Some(v) => match v.trim().parse::<f64>() {
+                    Ok(n) if n.is_finite() && n >= 0.0 => Ok(Duration::from_secs_f64(n)),
+                    _ => Err(config_err(format!("{k}={v:?} is not a number of seconds"))),
+                },
+                None => Ok(Duration::from_secs_f64(default)),
+            }
+        };
+        let state = state_dir(get);
+
+        let gitea = match nonempty("ORCH_GITEA_URL") {
+            Some(url) => Some(Gitea {
+                url: url.trim().trim_end_matches('/').to_string(),
+                owner: nonempty("ORCH_GITEA_OWNER").ok_or_else(|| {
+                    config_err("ORCH_GITEA_URL is set but ORCH_GITEA_OWNER is not")
+                })?,
+                token: nonempty("ORCH_GITEA_TOKEN").map(Secret::new),
+            }),
+            None => None,
+        };
+        let plane = match nonempty("ORCH_PLANE_URL") {
+            Some(url) => Some(Plane {
+                url: url.trim().trim_end_matches('/').to_string(),
+                workspace: nonempty("ORCH_PLANE_WORKSPACE").ok_or_else(|| {
+                    config_err("ORCH_PLANE_URL is set but ORCH_PLANE_WORKSPACE is not")
+                })?,
+                token: nonempty("ORCH_PLANE_API_TOKEN").map(Secret::new),
+            }),
+            None => None,
+        };
+        let notify_cmd = match nonempty("ORCH_NOTIFY_CMD") {
+            Some(cmd) => match shlex::split(&cmd) {
+                Some(argv) if !argv.is_empty() => Some(argv),
+                _ => {
+                    return Err(config_err(
+                        "ORCH_NOTIFY_CMD does not split into a command line (unbalanced quotes?)",
+                    ))
+                }
+            },
+            None => None,
+        };
+        let state_name = |k: &str, default: &str| nonempty(k).unwrap_or_else(|| default.into());
+
+        Ok(Config {
+            repos_dir: nonempty("ORCH_REPOS_DIR")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| state.join("repos")),
+            log_dir: nonempty("ORCH_LOG_DIR")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| state.join("logs")),
+            gitea,
+            protected_branches: csv(get("ORCH_PROTECTED_BRANCHES")),
+            plane,
+            webhook_secret: nonempty("ORCH_PLANE_WEBHOOK_SECRET").map(Secret::new),
+            bot_user_id: nonempty("ORCH_PLANE_BOT_USER_ID"),
+            repo_map: pairs("ORCH_REPO_MAP", get("ORCH_REPO_MAP"))?,
+            default_repo: nonempty("ORCH_DEFAULT_REPO"),
+            project_identifiers: pairs(
+                "ORCH_PROJECT_IDENTIFIERS",
+                get("ORCH_PROJECT_IDENTIFIERS"),
+            )?,
+            states: StateNames {
+                stop: state_name("ORCH_STATE_STOP", "STOP"),
+                to_analyse: state_name("ORCH_STATE_TO_ANALYSE", "To Analyse"),
+                approved: state_name("ORCH_STATE_APPROVED", "Approved"),
+                rejected: state_name("ORCH_STATE_REJECTED", "Rejected"),
+                confirm_deploy: state_name("ORCH_STATE_CONFIRM_DEPLOY", "Confirm Deploy"),
+            },
+            stop_enabled: boolean("ORCH_STOP_ENABLED", true)?,
+            stop_repos: csv(get("ORCH_STOP_REPOS")),
+            stop_grace: secs("ORCH_STOP_GRACE_SECS", 10.0)?,
+            serial_gate: boolean("ORCH_SERIAL_GATE", true)?,
+            task_deps: boolean("ORCH_TASK_DEPS", true)?,
+            notify_cmd,
+            outbox_max_attempts: number("ORCH_OUTBOX_MAX_ATTEMPTS", 10, 1)?,
+            outbox_backoff_secs: number("ORCH_OUTBOX_BACKOFF_SECS", 15, 0)?,
+            busy_timeout_ms: number("ORCH_BUSY_TIMEOUT_MS", 5000, 0)? as u64,
+            claim_timeout_secs: number("ORCH_CLAIM_TIMEOUT_SECS", 3600, 0)?,
+            http_timeout: secs("ORCH_HTTP_TIMEOUT_SECS", 10.0)?,
+            git_timeout: secs("ORCH_GIT_TIMEOUT_SECS", 60.0)?,
+        })
+    }
+
+    /// Whether Plane's STOP state may stop a task of `repo` (kill switch and scope, SPEC §3).
+    pub fn stop_applies(&self, repo: &str) -> bool {
+        self.stop_enabled && (self.stop_repos.is_empty() || self.stop_repos.iter().any(|r| r == repo))
+    }
+
+    /// The repo a new task of a Plane project goes to (`ORCH_REPO_MAP`, else `ORCH_DEFAULT_REPO`).
+    pub fn repo_for_project(&self, project_id: &str) -> Option<&str> {
+        self.repo_map
+            .iter()
+            .find(|(p, _)| p == project_id)
+            .map(|(_, r)| r.as_str())
+            .or(self.default_repo.as_deref())
+    }
+
+    /// Every secret value configured, for scrubbing text that came from the outside world.
+    pub fn secrets(&self) -> Vec<&str> {
+        let mut out = Vec::new();
+        if let Some(t) = self.gitea.as_ref().and_then(|g| g.token.as_ref()) {
+            out.push(t.expose());
+        }
+        if let Some(t) = self.plane.as_ref().and_then(|p| p.token.as_ref()) {
+            out.push(t.expose());
+        }
+        if let Some(s) = &self.webhook_secret {
+            out.push(s.expose());
+        }
+        out.retain(|s| !s.is_empty());
+        out
+    }
+
+    /// Replaces every configured secret in `text` by `***` (server error bodies, git stderr).
+    pub fn scrub(&self, text: &str) -> String {
+        let mut out = text.to_string();
+        for s in self.secrets() {
+            out = out.replace(s, "***");
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn cfg(vars: &[(&str, &str)]) -> Result<Config> {
+        let map: HashMap<String, String> = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Config::from_lookup(&move |k| map.get(k).cloned())
+    }
+
+    #[test]
+    fn defaults_follow_the_spec() {
+        let c = cfg(&[("HOME", "/home/op")]).unwrap();
+        assert!(c.stop_enabled && c.serial_gate && c.task_deps);
+        assert_eq!(c.stop_grace, Duration::from_secs(10));
+        assert_eq!(c.outbox_max_attempts, 10);
+        assert_eq!(c.busy_timeout_ms, 5000);
+        assert_eq!(c.claim_timeout_secs, 3600);
+        assert_eq!(c.states.confirm_deploy, "Confirm Deploy");
+        assert_eq!(c.repos_dir, PathBuf::from("/home/op/.local/state/orchctl/repos"));
+    }
+
+    #[test]
+    fn booleans_accept_the_three_spellings() {
+        for (v, want) in [("1", true), ("0", false), ("true", true), ("off", false), ("ON", true)] {
+            assert_eq!(cfg(&[("ORCH_STOP_ENABLED", v)]).unwrap().stop_enabled, want, "{v}");
+        }
+        let err = cfg(&[("ORCH_STOP_ENABLED", "maybe")]).unwrap_err();
+        assert_eq!(crate::error::exit_kind(&err), crate::error::ExitKind::Config);
+    }
+
+    #[test]
+    fn stop_scope_is_a_csv_of_repos() {
+        let c = cfg(&[("ORCH_STOP_REPOS", "enduro-trails, other")]).unwrap();
+        assert!(c.stop_applies("enduro-trails"));
+        assert!(!c.stop_applies("orchestrator"));
+        let off = cfg(&[("ORCH_STOP_ENABLED", "off")]).unwrap();
+        assert!(!off.stop_applies("orchestrator"));
+    }
+
+    #[test]
+    fn secrets_are_not_debug_printed_and_are_scrubbed() {
+        let c = cfg(&[
+            ("ORCH_GITEA_URL", "http://g/"),
+            ("ORCH_GITEA_OWNER", "o"),
+            ("ORCH_GITEA_TOKEN", "tok-123"),
+        ])
+        .unwrap();
+        assert!(!format!("{c:?}").contains("tok-123"));
+        assert_eq!(c.scrub("bad token tok-123!"), "bad token ***!");
+        assert_eq!(c.gitea.unwrap().url, "http://g");
+    }
+}

@@ -1,0 +1,441 @@
+//! OS processes: identity, stopping a process group, launching an agent, running a child
+//! with a time limit (SPEC §5 "Stopping a process").
+//!
+//! A process's identity is its pid *and* its start time (field 22 of `/proc/<pid>/stat`,
+//! clock ticks since boot): a pid alone may have been recycled. This module never signals
+//! a process whose start time does not match the recorded one, never pid ≤ 1, and never
+//! its own process group. A zombie counts as gone: it can no longer do anything, and on
+//! machines whose init does not reap orphans it would otherwise look alive forever.
+//! nix is kept behind this module; "already exited" (ESRCH) is success.
+
+use std::collections::HashMap;
+use std::ffi::OsString;
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::{Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use nix::errno::Errno;
+use nix::sys::signal::{killpg, Signal};
+use nix::unistd::Pid;
+use serde::Serialize;
+
+use crate::config::SECRET_VARS;
+
+/// The parts of `/proc/<pid>/stat` orchctl needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProcStat {
+    pub pid: i32,
+    pub state: char,
+    pub pgrp: i32,
+    pub session: i32,
+    /// Field 22: start time in clock ticks since boot.
+    pub start: i64,
+}
+
+impl ProcStat {
+    /// A zombie or dead entry: the process has exited.
+    pub fn exited(&self) -> bool {
+        matches!(self.state, 'Z' | 'X' | 'x')
+    }
+}
+
+/// Parses a `/proc/<pid>/stat` line. The command name (field 2) may hold spaces and
+/// parentheses, so fields are counted from the last `)`.
+pub fn parse_stat(line: &str) -> Option<ProcStat> {
+    let open = line.find('(')?;
+    let close = line.rfind(')')?;
+    let pid = line[..open].trim().parse().ok()?;
+    let rest: Vec<&str> = line.get(close + 1..)?.split_whitespace().collect();
+    // rest[0] is field 3 (state), so field N is rest[N - 3].
+    Some(ProcStat {
+        pid,
+        state: rest.first()?.chars().next()?,
+        pgrp: rest.get(2)?.parse().ok()?,
+        session: rest.get(3)?.parse().ok()?,
+        start: rest.get(19)?.parse().ok()?,
+    })
+}
+
+/// Reads the stat of `pid`; `None` when there is no such process.
+pub fn stat(pid: i64) -> Option<ProcStat> {
+    if pid <= 0 || pid > i32::MAX as i64 {
+        return None;
+    }
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    parse_stat(&text)
+}
+
+/// The start time of a live process (None when gone or a zombie).
+pub fn start_time(pid: i64) -> Option<i64> {
+    stat(pid).filter(|s| !s.exited()).map(|s| s.start)
+}
+
+/// This process's identity, used to own outbox claims.
+pub fn self_identity() -> (i64, i64) {
+    let pid = std::process::id() as i64;
+    (pid, stat(pid).map(|s| s.start).unwrap_or(0))
+}
+
+/// What is known about a recorded process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Liveness {
+    /// The same process (pid and start time) is running.
+    Alive,
+    /// No such process, or it has exited.
+    Gone,
+    /// The pid now belongs to another process.
+    Recycled,
+    /// The pid is running but no start time was recorded to prove it is ours.
+    Unverified,
+}
+
+pub fn liveness(pid: i64, recorded_start: Option<i64>) -> Liveness {
+    match (start_time(pid), recorded_start) {
+        (None, _) => Liveness::Gone,
+        (Some(now), Some(rec)) if now == rec => Liveness::Alive,
+        (Some(_), Some(_)) => Liveness::Recycled,
+        (Some(_), None) => Liveness::Unverified,
+    }
+}
+
+/// Every live (non-zombie) process, by scanning `/proc`.
+fn live_processes() -> Vec<ProcStat> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.filter_map(|e| e.ok())
+        .filter_map(|e| e.file_name().to_str()?.parse::<i64>().ok())
+        .filter_map(stat)
+        .filter(|s| !s.exited())
+        .collect()
+}
+
+/// Whether any non-zombie member of process group `pgid` remains.
+pub fn group_alive(pgid: i32) -> bool {
+    match killpg(Pid::from_raw(pgid), None) {
+        Err(Errno::ESRCH) => false,
+        // Members exist, but they may all be zombies waiting for a parent that never reaps.
+        _ => live_processes().iter().any(|p| p.pgrp == pgid),
+    }
+}
+
+/// How a stop ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "outcome", rename_all = "snake_case")]
+pub enum StopOutcome {
+    /// The group was running and is gone now.
+    Stopped {
+        signal: String,
+        waited_ms: u64,
+        /// Processes of the agent's session that had left its group: reported, not hunted.
+        strays: Vec<i32>,
+    },
+    /// Nothing to stop: the process had already exited.
+    NotRunning,
+    /// The pid belongs to another process now; nothing was signalled.
+    Recycled { found_start: i64 },
+    /// No start time was recorded, so the pid cannot be proven ours; nothing was signalled.
+    Unverified,
+}
+
+impl StopOutcome {
+    pub fn stopped(&self) -> bool {
+        matches!(self, StopOutcome::Stopped { .. })
+    }
+}
+
+/// Why a stop could not be done.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StopFailure {
+    /// True when retrying cannot help (a refused pid, no permission).
+    pub permanent: bool,
+    pub message: String,
+}
+
+impl std::fmt::Display for StopFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+fn refuse(message: String) -> StopFailure {
+    StopFailure {
+        permanent: true,
+        message,
+    }
+}
+
+/// Waits until group `pgid` has no live member, polling with a short, growing interval so
+/// the caller returns soon after the group exits instead of sleeping a whole grace period.
+fn wait_group_exit(pgid: i32, limit: Duration) -> bool {
+    let deadline = Instant::now() + limit;
+    let mut pause = Duration::from_millis(2);
+    loop {
+        if !group_alive(pgid) {
+            return true;
+        }
+        let now = Instant::now();
+        if now >= deadline {
+            return false;
+        }
+        std::thread::sleep(pause.min(deadline - now));
+        pause = (pause * 2).min(Duration::from_millis(20));
+    }
+}
+
+/// Stops the process group of the agent `pid` whose recorded start time is
+/// `recorded_start`: SIGTERM to the group, up to `grace` for it to exit, then SIGKILL.
+pub fn stop_agent(
+    pid: i64,
+    recorded_start: Option<i64>,
+    grace: Duration,
+) -> Result<StopOutcome, StopFailure> {
+    if pid <= 1 || pid > i32::MAX as i64 {
+        return Err(refuse(format!("refusing to signal pid {pid}")));
+    }
+    let Some(found) = stat(pid).filter(|s| !s.exited()) else {
+        return Ok(StopOutcome::NotRunning);
+    };
+    let Some(recorded) = recorded_start else {
+        return Ok(StopOutcome::Unverified);
+    };
+    if found.start != recorded {
+        return Ok(StopOutcome::Recycled {
+            found_start: found.start,
+        });
+    }
+    let pgid = found.pgrp;
+    let own = nix::unistd::getpgrp().as_raw();
+    if pgid <= 1 || pgid == own {
+        return Err(refuse(format!(
+            "refusing to signal process group {pgid} of pid {pid} (init's or orchctl's own)"
+        )));
+    }
+    let session = found.session;
+    let started = Instant::now();
+    let signal = |sig: Signal| -> Result<(), StopFailure> {
+        match killpg(Pid::from_raw(pgid), sig) {
+            Ok(()) | Err(Errno::ESRCH) => Ok(()),
+            Err(Errno::EPERM) => Err(refuse(format!(
+                "no permission to signal process group {pgid}"
+            ))),
+            Err(e) => Err(StopFailure {
+                permanent: false,
+                message: format!("signalling process group {pgid}: {e}"),
+            }),
+        }
+    };
+    signal(Signal::SIGTERM)?;
+    let mut used = "SIGTERM";
+    if !wait_group_exit(pgid, grace) {
+        signal(Signal::SIGKILL)?;
+        used = "SIGKILL";
+        if !wait_group_exit(pgid, Duration::from_secs(5)) {
+            return Err(StopFailure {
+                permanent: false,
+                message: format!("process group {pgid} survived SIGKILL"),
+            });
+        }
+    }
+    let strays = live_processes()
+        .iter()
+        .filter(|p| p.session == session && p.pgrp != pgid)
+        .map(|p| p.pid)
+        .collect();
+    Ok(StopOutcome::Stopped {
+        signal: used.into(),
+        waited_ms: started.elapsed().as_millis() as u64,
+        strays,
+    })
+}
+
+/// SIGKILL to a group orchctl itself just created (a launch that lost a race with STOP).
+pub fn kill_group_now(pgid: i64) {
+    if pgid > 1 && pgid != nix::unistd::getpgrp().as_raw() as i64 {
+        let _ = killpg(Pid::from_raw(pgid as i32), Signal::SIGKILL);
+    }
+}
+
+/// Starts `argv` detached: a new session (so its own process group), stdin from
+/// /dev/null, stdout and stderr appended to `log`. Returns its pid and start time.
+pub fn spawn_detached(
+    argv: &[String],
+    env: &[(String, String)],
+    log: &Path,
+) -> Result<(i64, i64)> {
+    let (program, args) = argv
+        .split_first()
+        .context("--exec needs a command after `--`")?;
+    if let Some(dir) = log.parent() {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("creating the log folder {}", dir.display()))?;
+    }
+    let out = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .with_context(|| format!("opening the log {}", log.display()))?;
+    let err = out.try_clone()?;
+    let mut cmd = Command::new(program);
+    for var in SECRET_VARS {
+        cmd.env_remove(var);
+    }
+    cmd.args(args)
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err);
+    // SAFETY: setsid is async-signal-safe and touches no memory of the parent.
+    unsafe {
+        cmd.pre_exec(|| {
+            nix::unistd::setsid()
+                .map(|_| ())
+                .map_err(std::io::Error::from)
+        });
+    }
+    let child = cmd
+        .spawn()
+        .with_context(|| format!("starting {program:?}"))?;
+    let pid = child.id() as i64;
+    // The child may already have exited: a zombie still shows its start time until this
+    // process exits, so read the stat directly rather than through `start_time`.
+    let start = stat(pid)
+        .map(|s| s.start)
+        .with_context(|| format!("reading the start time of pid {pid}"))?;
+    // Dropping `child` neither waits for nor kills it: the agent outlives orchctl.
+    drop(child);
+    Ok((pid, start))
+}
+
+/// The result of a child run with [`run_limited`].
+#[derive(Debug)]
+pub struct ChildOutput {
+    pub status: ExitStatus,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// Runs `program args` (an argument vector, never a shell) in its own process group with
+/// `stdin` fed to it, killing the whole group when it runs past `limit`.
+pub fn run_limited(
+    program: &str,
+    args: &[OsString],
+    dir: Option<&Path>,
+    env: &HashMap<String, String>,
+    stdin: Option<&[u8]>,
+    limit: Duration,
+) -> Result<ChildOutput> {
+    let mut cmd = Command::new(program);
+    for var in SECRET_VARS {
+        cmd.env_remove(var);
+    }
+    cmd.args(args)
+        .envs(env)
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0);
+    if let Some(d) = dir {
+        cmd.current_dir(d);
+    }
+    let mut child = cmd.spawn().with_context(|| format!("starting {program}"))?;
+    let pgid = child.id() as i64;
+    if let (Some(data), Some(mut pipe)) = (stdin, child.stdin.take()) {
+        let data = data.to_vec();
+        std::thread::spawn(move || {
+            let _ = pipe.write_all(&data);
+        });
+    }
+    let drain = |pipe: Option<Box<dyn Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            if let Some(p) = pipe {
+                let _ = p.take(1 << 20).read_to_end(&mut buf);
+            }
+            String::from_utf8_lossy(&buf).into_owned()
+        })
+    };
+    let out = drain(child.stdout.take().map(|p| Box::new(p) as Box<dyn Read + Send>));
+    let err = drain(child.stderr.take().map(|p| Box::new(p) as Box<dyn Read + Send>));
+    let deadline = Instant::now() + limit;
+    let mut pause = Duration::from_millis(1);
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break status;
+        }
+        if Instant::now() >= deadline {
+            kill_group_now(pgid);
+            let _ = child.wait();
+            let _ = out.join();
+            let _ = err.join();
+            anyhow::bail!("{program} ran longer than {:.1}s and was killed", limit.as_secs_f64());
+        }
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(Duration::from_millis(25));
+    };
+    Ok(ChildOutput {
+        status,
+        stdout: out.join().unwrap_or_default(),
+        stderr: err.join().unwrap_or_default(),
+    })
+}
+
+/// Opens a file for appending, creating its folder (job logs).
+pub fn append_file(path: &Path) -> Result<File> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    Ok(std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stat_lines_with_awkward_names_parse() {
+        let line = "4242 (a (weird) name) S 1 4242 4242 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 987654 1000 10 rest";
+        let s = parse_stat(line).unwrap();
+        assert_eq!(s.pid, 4242);
+        assert_eq!(s.state, 'S');
+        assert_eq!(s.pgrp, 4242);
+        assert_eq!(s.session, 4242);
+        assert_eq!(s.start, 987654);
+    }
+
+    #[test]
+    fn own_process_is_alive_with_its_start_time() {
+        let (pid, start) = self_identity();
+        assert!(start > 0);
+        assert_eq!(liveness(pid, Some(start)), Liveness::Alive);
+        assert_eq!(liveness(pid, Some(start + 1)), Liveness::Recycled);
+        assert_eq!(liveness(pid, None), Liveness::Unverified);
+    }
+
+    #[test]
+    fn refuses_init_and_nonsense_pids() {
+        for pid in [-5, 0, 1] {
+            assert!(stop_agent(pid, Some(1), Duration::ZERO).unwrap_err().permanent);
+        }
+    }
+
+    #[test]
+    fn refuses_its_own_group() {
+        // This test process is in its own group: stopping "itself" must be refused.
+        let (pid, start) = self_identity();
+        let err = stop_agent(pid, Some(start), Duration::ZERO).unwrap_err();
+        assert!(err.permanent, "{err}");
+    }
+}

@@ -1,0 +1,370 @@
+//! The end of a run: `orchctl complete` and `orchctl reap` (SPEC §5), and the pipeline's
+//! stage moves that a finished job causes (SPEC §1).
+//!
+//! Every change is guarded by the run it belongs to (`WHERE id = ? AND run_id = ? AND
+//! status = 'running'`): a late `complete` from a stopped or reaped agent changes nothing
+//! (`stale-run`), and `reap` racing `complete` cannot both win. Cancelled jobs are never
+//! revived. A deferred STOP whose window closes because its job finished is applied here.
+
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use serde::Serialize;
+use serde_json::json;
+
+use crate::deploy::{self, Outcome as DeployOutcome};
+use crate::error::{Coded, ExitKind};
+use crate::integrations::process::{self, Liveness};
+use crate::model::{Job, Task};
+use crate::outbox::{self, EffectReport};
+use crate::pipeline;
+use crate::stop::{self, Source, StopOptions};
+use crate::store::Writer;
+use crate::Ctx;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RunOutcome {
+    Success,
+    Failure(Option<String>),
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct CompleteResult {
+    pub ok: bool,
+    /// `advanced`, `parked`, `done`, `requeued`, `failed`, `cancelled` (a deferred STOP
+    /// applied) or `stale-run`.
+    pub note: String,
+    pub job: Option<Job>,
+    pub task: Option<Task>,
+    pub next_job: Option<Job>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub effects: Vec<EffectReport>,
+}
+
+/// Applies a deferred STOP once the task's critical window has closed (inside `w`).
+fn apply_deferred_if_window_closed(w: &Writer, ctx: &Ctx, task_id: i64) -> Result<bool> {
+    let Some(task) = w.task(task_id)? else {
+        return Ok(false);
+    };
+    if task.is_terminal() || task.cancel_requested_at.is_none() || stop::in_critical_window(w, &task)? {
+        return Ok(false);
+    }
+    let opts = StopOptions {
+        reason: task.cancel_reason.clone(),
+        force: true,
+        source: Source::Deferred,
+    };
+    stop::full_reset_tx(w, &ctx.config, &task, &opts)?;
+    Ok(true)
+}
+
+/// Records the outcome of run `run_id` of job `job_id`.
+pub fn complete(ctx: &Ctx, job_id: i64, run_id: i64, outcome: &RunOutcome) -> Result<CompleteResult> {
+    let (note, next_job, task_id) = ctx.store.write(|w| {
+        let job = w.job(job_id)?.ok_or_else(|| {
+            anyhow::Error::from(Coded::new(ExitKind::Failure, format!("no job {job_id}")))
+        })?;
+        if job.status != "running" || job.run_id != Some(run_id) {
+            return Ok(("stale-run".to_string(), None, job.task_id));
+        }
+        let task = match job.task_id {
+            Some(t) => w.task(t)?,
+            None => None,
+        };
+        let stopping = task
+            .as_ref()
+            .map(|t| t.is_terminal() || t.cancel_requested_at.is_some())
+            .unwrap_or(false);
+        let mut next_job = None;
+        let note = match outcome {
+            RunOutcome::Success => {
+                w.finish_run(job.id, run_id, "done", None)?;
+                w.event(job.task_id, "job_done", &json!({ "job_id": job.id, "run_id": run_id, "agent": job.agent }))?;
+                match &task {
+                    Some(t) if !stopping => {
+                        let (note, next) = advance(w, ctx, t, &job)?;
+                        next_job = next;
+                        note
+                    }
+                    _ => "done".into(),
+                }
+            }
+            RunOutcome::Failure(error) => {
+                let error = error.clone().unwrap_or_else(|| "the agent reported a failure".into());
+                if !stopping && job.attempts < job.max_attempts {
+                    w.requeue_run(job.id, Some(run_id), Some(&error))?;
+                    w.event(job.task_id, "job_requeued", &json!({ "job_id": job.id, "run_id": run_id, "error": error, "attempts": job.attempts }))?;
+                    "requeued".into()
+                } else {
+                    w.finish_run(job.id, run_id, "failed", Some(&error))?;
+                    w.event(job.task_id, "job_failed", &json!({ "job_id": job.id, "run_id": run_id, "error": error, "attempts": job.attempts }))?;
+                    if let (Some(t), false) = (&task, stopping) {
+                        outbox::enqueue_notification(
+                            w,
+                            &ctx.config,
+                            t,
+                            "job_failed",
+                            &format!(
+                                "the {} job of {} failed after {} attempt(s): {error}. The task stays in {}.",
+                                job.agent,
+                                t.label(),
+                                job.attempts,
+                                t.stage
+                            ),
+                            json!({ "job_id": job.id, "agent": job.agent }),
+                        )?;
+                    }
+                    "failed".into()
+                }
+            }
+        };
+        let note = match job.task_id {
+            Some(t) if apply_deferred_if_window_closed(w, ctx, t)? => "cancelled".to_string(),
+            _ => note,
+        };
+        Ok((note, next_job, job.task_id))
+    })?;
+    let effects = match task_id {
+        Some(t) if note != "stale-run" => outbox::run_for_task(ctx, t)?,
+        _ => Vec::new(),
+    };
+    ctx.store.read(|r| {
+        Ok(CompleteResult {
+            ok: true,
+            note,
+            job: r.job(job_id)?,
+            task: match task_id {
+                Some(t) => r.task(t)?,
+                None => None,
+            },
+            next_job: match next_job {
+                Some(j) => r.job(j)?,
+                None => None,
+            },
+            effects,
+        })
+    })
+}
+
+/// Moves the task on after a successful job (SPEC §1); returns the note and a new job.
+fn advance(w: &Writer, ctx: &Ctx, task: &Task, job: &Job) -> Result<(String, Option<i64>)> {
+    if pipeline::agent_for_stage(&task.stage) != Some(job.agent.as_str()) {
+        w.event(
+            Some(task.id),
+            "stage_unchanged",
+            &json!({ "why": "the job's agent does not work the task's stage", "agent": job.agent, "stage": task.stage }),
+        )?;
+        return Ok(("done".into(), None));
+    }
+    if job.agent == "deployer" {
+        let f = deploy::finalize_tx(w, ctx, task, DeployOutcome::Success, false)?;
+        return Ok((f.note, None));
+    }
+    match pipeline::next_stage_after_success(&task.stage, &job.agent) {
+        Some(next) => {
+            w.set_stage(task.id, &task.stage, next)?;
+            w.event(Some(task.id), "stage_changed", &json!({ "from": task.stage, "to": next }))?;
+            let next_job = match pipeline::entry_agent(next) {
+                Some(agent) => {
+                    let id = w.insert_job(Some(task.id), agent, &task.repo)?;
+                    w.event(Some(task.id), "job_queued", &json!({ "job_id": id, "agent": agent }))?;
+                    Some(id)
+                }
+                None => {
+                    w.event(Some(task.id), "parked", &json!({ "stage": next, "awaiting": "Confirm Deploy" }))?;
+                    None
+                }
+            };
+            Ok(("advanced".into(), next_job))
+        }
+        None => {
+            w.event(
+                Some(task.id),
+                "parked",
+                &json!({ "stage": task.stage, "awaiting": "Approved or Rejected" }),
+            )?;
+            Ok(("parked".into(), None))
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ReapOptions {
+    pub dry_run: bool,
+    pub recover: bool,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ReapedJob {
+    pub job_id: i64,
+    pub run_id: Option<i64>,
+    pub task_id: Option<i64>,
+    pub reason: String,
+    /// `requeued`, `failed` or `cancelled` (or what it would be, with `--dry-run`).
+    pub action: String,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ReapReport {
+    pub dry_run: bool,
+    pub checked: usize,
+    pub alive: usize,
+    pub requeued: usize,
+    pub failed: usize,
+    pub cancelled: usize,
+    pub jobs: Vec<ReapedJob>,
+}
+
+/// Why a running job is considered dead, or `None` while it lives.
+fn death(ctx: &Ctx, job: &Job, recover: bool) -> Result<Option<String>> {
+    if recover {
+        return Ok(Some("recovery: every running job is dead after a reboot".into()));
+    }
+    let age = || -> Result<Option<f64>> { ctx.store.read(|r| r.seconds_since_claim(job.id)) };
+    let timeout = Duration::from_secs(ctx.config.claim_timeout_secs.max(0) as u64).as_secs_f64();
+    match job.pid {
+        Some(pid) => match process::liveness(pid, job.proc_start) {
+            Liveness::Alive => Ok(None),
+            Liveness::Gone => Ok(Some(format!("agent pid {pid} is gone"))),
+            Liveness::Recycled => Ok(Some(format!("pid {pid} belongs to another process now"))),
+            // The pid runs but cannot be proven ours: only age can tell.
+            Liveness::Unverified => match age()? {
+                Some(a) if a <= timeout => Ok(None),
+                _ => Ok(Some(format!(
+                    "pid {pid} unverifiable and the run is older than ORCH_CLAIM_TIMEOUT_SECS"
+                ))),
+            },
+        },
+        None => match age()? {
+            Some(a) if a <= timeout => Ok(None),
+            Some(a) => Ok(Some(format!(
+                "no agent pid and no complete after {a:.0}s (ORCH_CLAIM_TIMEOUT_SECS={})",
+                ctx.config.claim_timeout_secs
+            ))),
+            None => Ok(Some("no agent pid and no claim time".into())),
+        },
+    }
+}
+
+/// Ends a dead run with an unknown outcome: `cancelled` when its task is terminal or has a
+/// STOP pending, else `queued` again while attempts remain, else `failed`.
+pub fn reap_unknown_outcome(w: &Writer, job: &Job, reason: &str) -> Result<Option<String>> {
+    let task = match job.task_id {
+        Some(t) => w.task(t)?,
+        None => None,
+    };
+    let stopping = task
+        .as_ref()
+        .map(|t| t.is_terminal() || t.cancel_requested_at.is_some())
+        .unwrap_or(false);
+    let (action, changed) = if stopping {
+        ("cancelled", w.finish_running(job.id, job.run_id, "cancelled", Some(reason))?)
+    } else if job.attempts < job.max_attempts {
+        ("requeued", w.requeue_run(job.id, job.run_id, Some(reason))?)
+    } else {
+        ("failed", w.finish_running(job.id, job.run_id, "failed", Some(reason))?)
+    };
+    if !changed {
+        return Ok(None);
+    }
+    w.event(
+        job.task_id,
+        &format!("job_reaped_{action}"),
+        &json!({ "job_id": job.id, "run_id": job.run_id, "reason": reason }),
+    )?;
+    Ok(Some(action.into()))
+}
+
+pub fn reap(ctx: &Ctx, opts: ReapOptions) -> Result<ReapReport> {
+    let running = ctx.store.read(|r| r.running_jobs())?;
+    let mut report = ReapReport {
+        dry_run: opts.dry_run,
+        checked: running.len(),
+        ..Default::default()
+    };
+    let mut dead = Vec::new();
+    for job in running {
+        match death(ctx, &job, opts.recover)? {
+            None => report.alive += 1,
+            Some(reason) => dead.push((job, reason)),
+        }
+    }
+    if dead.is_empty() {
+        return Ok(report);
+    }
+    let outcomes: Vec<(Job, String, Option<String>, bool)> = if opts.dry_run {
+        ctx.store.read(|r| {
+            dead.into_iter()
+                .map(|(job, reason)| {
+                    let task = match job.task_id {
+                        Some(t) => r.task(t)?,
+                        None => None,
+                    };
+                    let stopping = task
+                        .map(|t| t.is_terminal() || t.cancel_requested_at.is_some())
+                        .unwrap_or(false);
+                    let action = if stopping {
+                        "cancelled"
+                    } else if job.attempts < job.max_attempts {
+                        "requeued"
+                    } else {
+                        "failed"
+                    };
+                    Ok((job, reason, Some(action.to_string()), false))
+                })
+                .collect()
+        })?
+    } else {
+        ctx.store.write(|w| {
+            let mut out = Vec::new();
+            for (job, reason) in dead {
+                let action = reap_unknown_outcome(w, &job, &reason)?;
+                let applied = match job.task_id {
+                    Some(t) => apply_deferred_if_window_closed(w, ctx, t)?,
+                    None => false,
+                };
+                out.push((job, reason, action, applied));
+            }
+            Ok(out)
+        })?
+    };
+    let mut touched = Vec::new();
+    for (job, reason, action, deferred_applied) in outcomes {
+        if let (true, Some(t)) = (deferred_applied, job.task_id) {
+            touched.push(t);
+        }
+        let Some(action) = action else { continue };
+        match action.as_str() {
+            "requeued" => report.requeued += 1,
+            "failed" => report.failed += 1,
+            _ => report.cancelled += 1,
+        }
+        report.jobs.push(ReapedJob {
+            job_id: job.id,
+            run_id: job.run_id,
+            task_id: job.task_id,
+            reason,
+            action,
+        });
+    }
+    // A deferred STOP applied because its running job died: run its side effects now.
+    touched.sort_unstable();
+    touched.dedup();
+    for t in touched {
+        outbox::run_for_task(ctx, t).with_context(|| format!("side effects of task {t}"))?;
+    }
+    Ok(report)
+}
+
+/// Boot-time recovery: every running job is dead (`reap --recover`); returns how many
+/// were changed. Cancelled jobs are never touched.
+pub fn requeue_running_jobs(ctx: &Ctx) -> Result<usize> {
+    let r = reap(
+        ctx,
+        ReapOptions {
+            dry_run: false,
+            recover: true,
+        },
+    )?;
+    Ok(r.requeued + r.failed + r.cancelled)
+}

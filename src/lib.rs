@@ -1,0 +1,51 @@
+//! orchctl: the state keeper and control tool of an AI-agent delivery pipeline.
+//!
+//! The binary (`main.rs`) parses the command line and renders results; everything else
+//! lives here. Data flows one way: a domain module (stop, claim, jobs, deploy, reconcile,
+//! event, queue, tasks) decides, the store keeps state, the integrations touch the world.
+//! Domain modules return result structs and never print.
+
+pub mod claim;
+pub mod cli;
+pub mod config;
+pub mod deploy;
+pub mod error;
+pub mod event;
+pub mod integrations;
+pub mod jobs;
+pub mod model;
+pub mod names;
+pub mod outbox;
+pub mod pipeline;
+pub mod queue;
+pub mod reconcile;
+pub mod render;
+pub mod stop;
+pub mod store;
+pub mod tasks;
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Result;
+
+pub use config::Config;
+pub use store::Store;
+
+/// What every command works with: the open database and the configuration.
+pub struct Ctx {
+    pub store: Store,
+    pub config: Config,
+}
+
+impl Ctx {
+    /// Opens (and migrates) the database at `db` with `config`.
+    pub fn open(db: &Path, config: Config) -> Result<Ctx> {
+        let store = Store::open(db, config.busy_timeout_ms)?;
+        Ok(Ctx { store, config })
+    }
+}
+
+/// The database path: `--db` / `ORCH_DB_PATH`, else `$XDG_STATE_HOME/orchctl/orch.db`.
+pub fn default_db_path() -> PathBuf {
+    config::state_dir(&|k| std::env::var(k).ok()).join("orch.db")
+}

@@ -1,0 +1,114 @@
+//! The rows orchctl keeps, as plain values. Field names are the column names of SPEC §2,
+//! so the JSON output and the database speak the same words.
+
+use serde::Serialize;
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Task {
+    pub id: i64,
+    pub plane_id: Option<String>,
+    pub work_item_id: Option<String>,
+    pub plane_issue_id: Option<String>,
+    pub project_id: Option<String>,
+    pub repo: String,
+    pub branch: Option<String>,
+    pub title: Option<String>,
+    pub stage: String,
+    pub created_at: Option<String>,
+    pub updated_at: Option<String>,
+    pub cancelled_at: Option<String>,
+    pub cancel_requested_at: Option<String>,
+    pub cancel_reason: Option<String>,
+}
+
+/// The marker appended to a tombstoned key: `<key>#cancelled-<task id>`.
+pub const TOMBSTONE: &str = "#cancelled-";
+
+/// The key as it was before a tombstone was appended.
+pub fn untombstoned(key: &str) -> &str {
+    key.split(TOMBSTONE).next().unwrap_or(key)
+}
+
+impl Task {
+    pub fn is_terminal(&self) -> bool {
+        crate::pipeline::is_terminal(&self.stage)
+    }
+
+    /// The work item id without its tombstone (deploy markers are keyed by it).
+    pub fn original_work_item(&self) -> Option<&str> {
+        self.work_item_id.as_deref().map(untombstoned)
+    }
+
+    /// The Plane issue this task mirrors, tombstone removed.
+    pub fn original_plane_issue(&self) -> Option<&str> {
+        self.plane_issue_id
+            .as_deref()
+            .or(self.plane_id.as_deref())
+            .map(untombstoned)
+    }
+
+    /// A short human name: the work item id, else `task <id>`.
+    pub fn label(&self) -> String {
+        match self.original_work_item() {
+            Some(w) => w.to_string(),
+            None => format!("task {}", self.id),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Job {
+    pub id: i64,
+    pub agent: String,
+    pub repo: String,
+    pub task_id: Option<i64>,
+    pub status: String,
+    pub pid: Option<i64>,
+    pub proc_start: Option<i64>,
+    pub run_id: Option<i64>,
+    pub attempts: i64,
+    pub max_attempts: i64,
+    pub created_at: Option<String>,
+    pub claimed_at: Option<String>,
+    pub finished_at: Option<String>,
+    pub error: Option<String>,
+}
+
+pub const JOB_TERMINAL: [&str; 3] = ["done", "failed", "cancelled"];
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct TaskEvent {
+    pub id: i64,
+    pub task_id: Option<i64>,
+    pub at: String,
+    pub kind: String,
+    pub detail: serde_json::Value,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Lease {
+    pub repo: String,
+    pub branch: String,
+    pub task_id: Option<i64>,
+    pub acquired_at: String,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct OutboxRow {
+    pub id: i64,
+    pub task_id: Option<i64>,
+    pub kind: String,
+    pub payload: serde_json::Value,
+    pub status: String,
+    pub attempts: i64,
+    pub last_error: Option<String>,
+    pub result: Option<String>,
+    pub next_attempt_at: Option<String>,
+    pub created_at: String,
+    #[serde(skip)]
+    pub claimed_pid: Option<i64>,
+    #[serde(skip)]
+    pub claimed_start: Option<i64>,
+    #[serde(skip)]
+    pub claimed_until: Option<String>,
+}

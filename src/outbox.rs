@@ -1,0 +1,450 @@
+//! The side-effect outbox (SPEC §4).
+//!
+//! A state change that needs the outside world writes [`Effect`] rows in the *same*
+//! transaction, then runs them right after the commit. Each row is claimed by one process
+//! (pid + start time) before it runs, so two orchctl processes never run the same effect
+//! at once, and a claim left by a killed orchctl is taken over. A failure leaves the row
+//! `pending` with a backoff; after `ORCH_OUTBOX_MAX_ATTEMPTS` runs it is `failed` (and shows
+//! in `queue`); a refusal is `failed` at once. Every ending is written to the task's log.
+//! Effects never run inside a database transaction: the database is never locked while
+//! waiting for a process, git or HTTP.
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use crate::config::Config;
+use crate::integrations::{git, gitea, notify, plane, process, EffectError};
+use crate::model::OutboxRow;
+use crate::names;
+use crate::store::{EffectEnd, Writer};
+use crate::Ctx;
+
+/// One external step.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "kind", content = "payload", rename_all = "snake_case")]
+pub enum Effect {
+    /// Stop an agent's process group (identity-checked).
+    StopProcess {
+        job_id: i64,
+        run_id: Option<i64>,
+        pid: i64,
+        proc_start: Option<i64>,
+    },
+    /// Remove the branch's worktree and local branch from the clone.
+    RemoveWorktree { repo: String, branch: String },
+    /// Delete the branch on the remote (Gitea API, else `git push --delete`).
+    DeleteRemoteBranch { repo: String, branch: String },
+    /// A comment on the task's Plane issue.
+    PlaneComment {
+        project_id: Option<String>,
+        issue_id: Option<String>,
+        html: String,
+    },
+    /// `ORCH_NOTIFY_CMD` with the event on stdin.
+    Notify { event: Value },
+}
+
+impl Effect {
+    fn split(&self) -> (String, Value) {
+        let v = serde_json::to_value(self).unwrap_or(Value::Null);
+        (
+            v["kind"].as_str().unwrap_or_default().to_string(),
+            v.get("payload").cloned().unwrap_or(Value::Null),
+        )
+    }
+
+    pub fn parse(kind: &str, payload: &Value) -> Result<Effect> {
+        Ok(serde_json::from_value(
+            json!({ "kind": kind, "payload": payload }),
+        )?)
+    }
+}
+
+/// Writes an effect row inside the caller's transaction.
+pub fn enqueue(w: &Writer, task_id: Option<i64>, effect: &Effect) -> Result<i64> {
+    let (kind, payload) = effect.split();
+    w.enqueue_effect(task_id, &kind, &payload)
+}
+
+/// Writes the notification effects of an event: a Plane comment and, when configured,
+/// the notify hook.
+pub fn enqueue_notification(
+    w: &Writer,
+    config: &Config,
+    task: &crate::model::Task,
+    event: &str,
+    message: &str,
+    extra: Value,
+) -> Result<()> {
+    enqueue(
+        w,
+        Some(task.id),
+        &Effect::PlaneComment {
+            project_id: task.project_id.clone(),
+            issue_id: task.original_plane_issue().map(String::from),
+            html: format!("<p>orchctl: {}</p>", plane::html_escape(message)),
+        },
+    )?;
+    if config.notify_cmd.is_some() {
+        let mut ev = json!({
+            "event": event,
+            "message": message,
+            "task_id": task.id,
+            "work_item_id": task.original_work_item(),
+            "plane_issue_id": task.original_plane_issue(),
+            "repo": task.repo,
+            "branch": task.branch,
+        });
+        if let (Value::Object(m), Value::Object(x)) = (&mut ev, extra) {
+            m.extend(x);
+        }
+        enqueue(w, Some(task.id), &Effect::Notify { event: ev })?;
+    }
+    Ok(())
+}
+
+/// How one effect run ended.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct EffectReport {
+    pub id: i64,
+    pub kind: String,
+    /// `done`, `pending` (will be retried), `failed`, or `busy` (another process runs it).
+    pub status: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub result: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub detail: Option<Value>,
+}
+
+impl EffectReport {
+    /// True for a `stop_process` that actually stopped a running agent.
+    pub fn stopped_an_agent(&self) -> bool {
+        self.kind == "stop_process"
+            && self.status == "done"
+            && self
+                .detail
+                .as_ref()
+                .and_then(|d| d.get("outcome"))
+                .and_then(Value::as_str)
+                == Some("stopped")
+    }
+}
+
+/// Runs every pending effect of a task now, whatever its backoff (an operator asked).
+pub fn run_for_task(ctx: &Ctx, task_id: i64) -> Result<Vec<EffectReport>> {
+    let rows = ctx.store.read(|r| r.pending_effects_of_task(task_id))?;
+    run_rows(ctx, &rows)
+}
+
+/// Counts of one outbox pass.
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct OutboxPass {
+    pub done: usize,
+    pub pending: usize,
+    pub failed: usize,
+    pub busy: usize,
+}
+
+/// Runs the pending effects whose retry time has come (reconcile).
+pub fn run_due(ctx: &Ctx) -> Result<OutboxPass> {
+    let rows = ctx.store.read(|r| r.due_effects(500))?;
+    let mut pass = OutboxPass::default();
+    for report in run_rows(ctx, &rows)? {
+        match report.status.as_str() {
+            "done" => pass.done += 1,
+            "pending" => pass.pending += 1,
+            "failed" => pass.failed += 1,
+            _ => pass.busy += 1,
+        }
+    }
+    Ok(pass)
+}
+
+/// Runs `rows` in order. A row that another live process has claimed is reported `busy`
+/// and left to it.
+pub fn run_rows(ctx: &Ctx, rows: &[OutboxRow]) -> Result<Vec<EffectReport>> {
+    let me = process::self_identity();
+    let lease = lease_secs(&ctx.config);
+    let mut out = Vec::with_capacity(rows.len());
+    for row in rows {
+        let observed = (row.claimed_pid, row.claimed_start);
+        if let (Some(pid), Some(start)) = observed {
+            if process::liveness(pid, Some(start)) == process::Liveness::Alive && pid != me.0 {
+                out.push(report(row, "busy", None, None, None));
+                continue;
+            }
+        }
+        if row.attempts >= ctx.config.outbox_max_attempts {
+            let error = row
+                .last_error
+                .clone()
+                .unwrap_or_else(|| "attempts exhausted".into());
+            ctx.store.write(|w| {
+                if w.fail_effect(row.id, &error)? {
+                    log_end(w, row, "failed", None, Some(&error), row.attempts)?;
+                }
+                Ok(())
+            })?;
+            out.push(report(row, "failed", None, Some(error), None));
+            continue;
+        }
+        if !ctx
+            .store
+            .write(|w| w.claim_effect(row.id, observed, me, lease))?
+        {
+            out.push(report(row, "busy", None, None, None));
+            continue;
+        }
+        let attempt = row.attempts + 1;
+        let (end, detail) = match Effect::parse(&row.kind, &row.payload) {
+            Ok(effect) => match execute(&ctx.config, row, &effect) {
+                Ok((result, detail)) => (EffectEnd::Done { result }, detail),
+                Err(e) => (end_for(&ctx.config, e, attempt), None),
+            },
+            Err(e) => (
+                EffectEnd::Failed {
+                    error: format!("unreadable outbox row: {e}"),
+                },
+                None,
+            ),
+        };
+        let (status, result, error) = match &end {
+            EffectEnd::Done { result } => ("done", Some(result.clone()), None),
+            EffectEnd::Retry { error, .. } => ("pending", None, Some(error.clone())),
+            EffectEnd::Failed { error } => ("failed", None, Some(error.clone())),
+        };
+        ctx.store.write(|w| {
+            if w.finish_effect(row.id, me, &end)? {
+                log_end(w, row, status, result.as_deref(), error.as_deref(), attempt)?;
+            }
+            Ok(())
+        })?;
+        out.push(report(row, status, result, error, detail));
+    }
+    Ok(out)
+}
+
+fn report(
+    row: &OutboxRow,
+    status: &str,
+    result: Option<String>,
+    error: Option<String>,
+    detail: Option<Value>,
+) -> EffectReport {
+    EffectReport {
+        id: row.id,
+        kind: row.kind.clone(),
+        status: status.into(),
+        result,
+        error,
+        detail,
+    }
+}
+
+fn log_end(
+    w: &Writer,
+    row: &OutboxRow,
+    status: &str,
+    result: Option<&str>,
+    error: Option<&str>,
+    attempts: i64,
+) -> Result<()> {
+    let mut detail = json!({ "outbox_id": row.id, "status": status, "attempts": attempts });
+    if let Some(r) = result {
+        detail["result"] = json!(r);
+    }
+    if let Some(e) = error {
+        detail["error"] = json!(e);
+    }
+    w.event(row.task_id, &row.kind, &detail)
+}
+
+/// The longest an effect may take before its claim may be taken over by another process.
+fn lease_secs(c: &Config) -> i64 {
+    (c.stop_grace.as_secs_f64() + 5.0 + 4.0 * c.git_timeout.as_secs_f64() + 3.0 * c.http_timeout.as_secs_f64())
+        .ceil() as i64
+        + 30
+}
+
+fn end_for(c: &Config, e: EffectError, attempt: i64) -> EffectEnd {
+    let error = c.scrub(&e.message);
+    if e.permanent {
+        return EffectEnd::Failed { error };
+    }
+    if attempt >= c.outbox_max_attempts {
+        return EffectEnd::Failed {
+            error: format!("{error} (gave up after {attempt} attempts)"),
+        };
+    }
+    let backoff = c
+        .outbox_backoff_secs
+        .saturating_mul(1 << (attempt - 1).clamp(0, 20))
+        .min(3600);
+    EffectEnd::Retry {
+        error,
+        delay_secs: backoff.max(e.retry_after_secs.unwrap_or(0)),
+    }
+}
+
+fn clone_dir(c: &Config, repo: &str) -> PathBuf {
+    c.repos_dir.join(repo)
+}
+
+/// Why `branch` of `repo` must never be deleted, if it must not.
+pub fn protected_reason(c: &Config, repo: &str, branch: &str) -> Option<String> {
+    if branch == "main" || branch == "master" {
+        return Some(format!("{branch} is never deleted"));
+    }
+    if let Some(p) = c
+        .protected_branches
+        .iter()
+        .find(|p| names::glob_match(p, branch))
+    {
+        return Some(format!("{branch} matches ORCH_PROTECTED_BRANCHES pattern {p:?}"));
+    }
+    let clone = clone_dir(c, repo);
+    if clone.is_dir() {
+        if let Some(default) = git::default_branch(&clone, c.git_timeout) {
+            if default == branch {
+                return Some(format!("{branch} is the default branch of {repo}"));
+            }
+        }
+    }
+    None
+}
+
+type Executed = Result<(String, Option<Value>), EffectError>;
+
+fn execute(c: &Config, row: &OutboxRow, effect: &Effect) -> Executed {
+    match effect {
+        Effect::StopProcess {
+            pid, proc_start, ..
+        } => {
+            let outcome = process::stop_agent(*pid, *proc_start, c.stop_grace).map_err(|f| {
+                EffectError {
+                    permanent: f.permanent,
+                    message: f.message,
+                    retry_after_secs: None,
+                }
+            })?;
+            let result = match &outcome {
+                process::StopOutcome::Stopped {
+                    signal,
+                    waited_ms,
+                    strays,
+                } if strays.is_empty() => format!("stopped pid {pid} with {signal} after {waited_ms} ms"),
+                process::StopOutcome::Stopped {
+                    signal, strays, ..
+                } => format!(
+                    "stopped pid {pid} with {signal}; processes that left its group were left alone: {strays:?}"
+                ),
+                process::StopOutcome::NotRunning => format!("pid {pid} was not running"),
+                process::StopOutcome::Recycled { .. } => {
+                    format!("pid {pid} now belongs to another process; not signalled")
+                }
+                process::StopOutcome::Unverified => {
+                    format!("pid {pid} has no recorded start time; not signalled")
+                }
+            };
+            Ok((result, serde_json::to_value(&outcome).ok()))
+        }
+        Effect::RemoveWorktree { repo, branch } => {
+            check_names(repo, branch)?;
+            let clone = clone_dir(c, repo);
+            if !clone.is_dir() {
+                return Ok((format!("no clone at {}: nothing to remove", clone.display()), None));
+            }
+            if let Some(why) = protected_reason(c, repo, branch) {
+                return Err(EffectError::permanent(format!("refused: {why}")));
+            }
+            let r = git::remove_worktree(&clone, branch, true, c.git_timeout)?;
+            Ok((
+                format!(
+                    "removed {} worktree(s){}",
+                    r.removed.len(),
+                    if r.branch_deleted {
+                        ", local branch deleted"
+                    } else {
+                        ""
+                    }
+                ),
+                Some(json!({ "removed": r.removed, "branch_deleted": r.branch_deleted })),
+            ))
+        }
+        Effect::DeleteRemoteBranch { repo, branch } => {
+            check_names(repo, branch)?;
+            if let Some(why) = protected_reason(c, repo, branch) {
+                return Err(EffectError::permanent(format!("refused: {why}")));
+            }
+            if let Some(g) = &c.gitea {
+                return match gitea::delete_branch(g, c.http_timeout, repo, branch)? {
+                    gitea::BranchDeletion::Deleted => Ok(("deleted on Gitea".into(), None)),
+                    gitea::BranchDeletion::AlreadyGone => {
+                        Ok(("already gone on Gitea".into(), None))
+                    }
+                };
+            }
+            let clone = clone_dir(c, repo);
+            if !clone.is_dir() {
+                return Ok((
+                    format!("skipped: no clone at {} to push from", clone.display()),
+                    None,
+                ));
+            }
+            match git::push_delete(&clone, "origin", branch, c.git_timeout) {
+                Ok(true) => Ok(("deleted on origin".into(), None)),
+                Ok(false) => Ok(("already gone on origin".into(), None)),
+                Err(e) => Err(EffectError::retry(format!("{e:#}"))),
+            }
+        }
+        Effect::PlaneComment {
+            project_id,
+            issue_id,
+            html,
+        } => {
+            let Some(p) = &c.plane else {
+                return Ok(("skipped: Plane not configured".into(), None));
+            };
+            let (Some(project), Some(issue)) = (project_id, issue_id) else {
+                return Ok(("skipped: the task has no Plane issue".into(), None));
+            };
+            let client = plane::PlaneClient::new(p, c.http_timeout, std::time::Duration::ZERO);
+            // Unique per outbox row, stable across its retries: a retry after a lost answer
+            // gets 409 instead of a second comment.
+            let external_id = format!(
+                "orchctl-{}-{}",
+                row.id,
+                short_hash(&format!("{}/{project}/{issue}", row.created_at))
+            );
+            match client.add_comment(project, issue, html, &external_id)? {
+                plane::CommentOutcome::Posted => Ok(("comment posted".into(), None)),
+                plane::CommentOutcome::AlreadyPosted => {
+                    Ok(("comment was already posted".into(), None))
+                }
+            }
+        }
+        Effect::Notify { event } => {
+            let Some(argv) = &c.notify_cmd else {
+                return Ok(("skipped: ORCH_NOTIFY_CMD not set".into(), None));
+            };
+            notify::run(argv, event, c.http_timeout.max(std::time::Duration::from_secs(10)))?;
+            Ok(("notify command ran".into(), None))
+        }
+    }
+}
+
+fn check_names(repo: &str, branch: &str) -> Result<(), EffectError> {
+    names::validate_repo(repo)
+        .and_then(|_| names::validate_branch(branch))
+        .map_err(|e| EffectError::permanent(format!("refused: {e:#}")))
+}
+
+fn short_hash(text: &str) -> String {
+    use sha2::{Digest, Sha256};
+    hex::encode(&Sha256::digest(text.as_bytes())[..12])
+}

@@ -1,0 +1,129 @@
+//! `orchctl queue` (SPEC §8): one read-only snapshot for people and dashboards.
+//!
+//! Each block is computed on its own: a block whose query fails is replaced by its minimal
+//! form plus an `error` string, and the snapshot is still printed (dashboards poll it and
+//! must never get nothing). Every query is bounded by an index (job counts are kept by
+//! triggers; recent rows are read newest-first by key), so the cost does not grow with
+//! the history.
+
+use anyhow::Result;
+use serde_json::{json, Map, Value};
+
+use crate::store::Reader;
+use crate::Ctx;
+
+const JOB_STATUSES: [&str; 5] = ["queued", "running", "done", "failed", "cancelled"];
+
+fn block(
+    out: &mut Map<String, Value>,
+    name: &str,
+    minimal: Value,
+    f: impl FnOnce() -> Result<Value>,
+) {
+    let v = match f() {
+        Ok(v) => v,
+        Err(e) => {
+            let mut m = minimal;
+            if let Value::Object(o) = &mut m {
+                o.insert("error".into(), json!(format!("{e:#}")));
+            }
+            m
+        }
+    };
+    out.insert(name.into(), v);
+}
+
+/// The snapshot as a JSON object with the blocks of SPEC §8.
+pub fn snapshot(ctx: &Ctx, recent: i64) -> Value {
+    let recent = recent.clamp(0, 1000);
+    let c = &ctx.config;
+    let mut out = Map::new();
+    ctx.store
+        .read(|r: &Reader| {
+            block(&mut out, "counts", json!({}), || {
+                let mut m: Map<String, Value> =
+                    JOB_STATUSES.iter().map(|s| (s.to_string(), json!(0))).collect();
+                for (status, n) in r.job_counts()? {
+                    m.insert(status, json!(n));
+                }
+                Ok(Value::Object(m))
+            });
+            block(
+                &mut out,
+                "serial_gate",
+                json!({ "enabled": c.serial_gate, "leases": [] }),
+                || Ok(json!({ "enabled": c.serial_gate, "leases": r.leases()? })),
+            );
+            block(
+                &mut out,
+                "task_deps",
+                json!({ "enabled": c.task_deps, "blocked": [] }),
+                || {
+                    let blocked: Vec<Value> = r
+                        .blocked_tasks(100)?
+                        .into_iter()
+                        .map(|(id, on)| json!({ "task_id": id, "waiting_on": on }))
+                        .collect();
+                    Ok(json!({ "enabled": c.task_deps, "blocked": blocked }))
+                },
+            );
+            // orchctl does not label Plane issues; the block keeps dashboards' shape.
+            out.insert("auto_labels".into(), json!({ "enabled": false }));
+            match r.recent_jobs(recent) {
+                Ok(jobs) => {
+                    out.insert("recent".into(), json!(jobs));
+                }
+                Err(e) => {
+                    out.insert("recent".into(), json!([]));
+                    out.insert("errors".into(), json!({ "recent": format!("{e:#}") }));
+                }
+            }
+            block(
+                &mut out,
+                "outbox",
+                json!({ "pending": 0, "failed": 0, "items": [] }),
+                || {
+                    Ok(json!({
+                        "pending": r.count_effects("pending")?,
+                        "failed": r.count_effects("failed")?,
+                        "items": r.open_effects(recent.max(20))?,
+                    }))
+                },
+            );
+            block(
+                &mut out,
+                "stop",
+                json!({
+                    "enabled": c.stop_enabled,
+                    "repos": c.stop_repos,
+                    "cancelled_count": 0,
+                    "recent": [],
+                }),
+                || {
+                    let recent: Vec<Value> = r
+                        .recent_cancelled(recent)?
+                        .into_iter()
+                        .map(|t| {
+                            json!({
+                                "id": t.id,
+                                "work_item_id": t.work_item_id,
+                                "repo": t.repo,
+                                "cancelled_at": t.cancelled_at,
+                                "cancel_reason": t.cancel_reason,
+                            })
+                        })
+                        .collect();
+                    Ok(json!({
+                        "enabled": c.stop_enabled,
+                        "repos": c.stop_repos,
+                        "cancelled_count": r.count_tasks_in_stage("cancelled")?,
+                        "deferred_pending": r.pending_cancels()?.len(),
+                        "recent": recent,
+                    }))
+                },
+            );
+            Ok(())
+        })
+        .ok();
+    Value::Object(out)
+}

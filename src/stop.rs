@@ -1,0 +1,280 @@
+//! STOP (SPEC §3): cancel a task anywhere in the pipeline, safely.
+//!
+//! One transaction decides and records everything — jobs cancelled, the task terminal with
+//! its keys tombstoned, the lease released, the deploy marker cleared, the audit rows and
+//! the outbox rows of every side effect — and only then are the side effects run, in the
+//! order: stop the agents, remove the worktree, delete the remote branch, notify. Inside a
+//! critical merge/deploy window (and without `--force`) the cancel is *deferred*: only
+//! queued jobs are cancelled and `cancel_requested_at` is set; the deploy finalizer (or
+//! reconcile, once the window has closed) applies it later. This module never deletes a
+//! task row, and never touches anything outside the branch's worktree.
+
+use anyhow::Result;
+use serde::Serialize;
+use serde_json::json;
+
+use crate::config::Config;
+use crate::model::Task;
+use crate::outbox::{self, Effect, EffectReport};
+use crate::store::{Reader, Writer};
+use crate::Ctx;
+
+/// Who asked for the stop (recorded in the log; picks the default reason).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Source {
+    Operator,
+    Plane,
+    Deferred,
+    Reconcile,
+}
+
+impl Source {
+    fn default_reason(self) -> &'static str {
+        match self {
+            Source::Operator => "stopped by an operator",
+            Source::Plane => "Plane STOP status",
+            Source::Deferred => "deferred STOP applied after the deploy window",
+            Source::Reconcile => "stopped by reconcile",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct StopOptions {
+    pub reason: Option<String>,
+    pub force: bool,
+    pub source: Source,
+}
+
+impl StopOptions {
+    pub fn operator(reason: Option<String>, force: bool) -> Self {
+        StopOptions {
+            reason,
+            force,
+            source: Source::Operator,
+        }
+    }
+
+    fn reason(&self) -> String {
+        self.reason
+            .clone()
+            .filter(|r| !r.trim().is_empty())
+            .unwrap_or_else(|| self.source.default_reason().to_string())
+    }
+}
+
+/// The result of `orchctl stop` (SPEC §3).
+#[derive(Debug, Clone, Serialize)]
+pub struct StopResult {
+    pub ok: bool,
+    pub deferred: bool,
+    /// Agent processes actually stopped.
+    pub stopped: usize,
+    pub jobs_cancelled: usize,
+    pub note: String,
+    pub task: Option<Task>,
+    /// How each side effect ended (`pending` ones are retried by `reconcile`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub effects: Vec<EffectReport>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub warning: Option<String>,
+}
+
+/// Whether the task is inside its critical merge/deploy window: its deploy marker says
+/// `initiated`, or its branch holds the repo's merge lease while one of its jobs runs.
+/// A task parked in `deploy` holding the lease with nothing running is not critical.
+pub fn in_critical_window(r: &Reader, task: &Task) -> Result<bool> {
+    if let Some(wi) = task.original_work_item() {
+        if r.marker(&task.repo, wi)?.as_deref() == Some("initiated") {
+            return Ok(true);
+        }
+    }
+    let Some(branch) = &task.branch else {
+        return Ok(false);
+    };
+    match r.lease(&task.repo)? {
+        Some(lease) if &lease.branch == branch => r.has_running_job(task.id),
+        _ => Ok(false),
+    }
+}
+
+/// What the transaction decided.
+enum Decision {
+    NoTask,
+    Terminal(Task),
+    Deferred { first: bool, jobs_cancelled: usize },
+    Reset { jobs_cancelled: usize },
+}
+
+/// Stops the task `reference` names (id, work item id or Plane issue id).
+pub fn stop(ctx: &Ctx, reference: &str, opts: &StopOptions) -> Result<StopResult> {
+    match ctx.store.read(|r| r.find_task(reference))? {
+        Some(task) => cancel_task(ctx, task.id, opts),
+        None => Ok(no_task(reference)),
+    }
+}
+
+fn no_task(reference: &str) -> StopResult {
+    StopResult {
+        ok: true,
+        deferred: false,
+        stopped: 0,
+        jobs_cancelled: 0,
+        note: "no-task".into(),
+        task: None,
+        effects: Vec::new(),
+        warning: Some(format!("no task matches {reference:?}; nothing to stop")),
+    }
+}
+
+/// Stops task `task_id` (SPEC §3 rules 1–5).
+pub fn cancel_task(ctx: &Ctx, task_id: i64, opts: &StopOptions) -> Result<StopResult> {
+    let decision = ctx.store.write(|w| {
+        let Some(task) = w.task(task_id)? else {
+            return Ok(Decision::NoTask);
+        };
+        if task.is_terminal() {
+            return Ok(Decision::Terminal(task));
+        }
+        if !opts.force && in_critical_window(w, &task)? {
+            return defer_tx(w, &ctx.config, &task, opts);
+        }
+        let jobs_cancelled = full_reset_tx(w, &ctx.config, &task, opts)?;
+        Ok(Decision::Reset { jobs_cancelled })
+    })?;
+
+    let (deferred, jobs_cancelled, note) = match decision {
+        Decision::NoTask => return Ok(no_task(&task_id.to_string())),
+        // A STOP killed half-way left effects pending: the repeated STOP finishes them.
+        Decision::Terminal(task) => (false, 0, format!("already-terminal:{}", task.stage)),
+        Decision::Deferred {
+            first: true,
+            jobs_cancelled,
+        } => (true, jobs_cancelled, "deferred-critical-window".to_string()),
+        Decision::Deferred {
+            first: false,
+            jobs_cancelled,
+        } => (true, jobs_cancelled, "deferred-already-pending".to_string()),
+        Decision::Reset { jobs_cancelled } => (false, jobs_cancelled, "cancelled".to_string()),
+    };
+    let effects = outbox::run_for_task(ctx, task_id)?;
+    let task = ctx.store.read(|r| r.task(task_id))?;
+    Ok(StopResult {
+        ok: true,
+        deferred,
+        stopped: effects.iter().filter(|e| e.stopped_an_agent()).count(),
+        jobs_cancelled,
+        note,
+        task,
+        effects,
+        warning: None,
+    })
+}
+
+/// The deferred cancel: queued jobs only, `cancel_requested_at` set once, one notification.
+fn defer_tx(w: &Writer, config: &Config, task: &Task, opts: &StopOptions) -> Result<Decision> {
+    let reason = opts.reason();
+    let cancelled = w.cancel_jobs_for_task(task.id, true, &reason)?;
+    let first = w.set_cancel_requested(task.id, &reason)?;
+    w.event(
+        Some(task.id),
+        if first {
+            "cancel_deferred"
+        } else {
+            "cancel_deferred_repeat"
+        },
+        &json!({
+            "reason": reason,
+            "source": opts.source,
+            "queued_jobs_cancelled": cancelled.iter().map(|j| j.id).collect::<Vec<_>>(),
+        }),
+    )?;
+    if first {
+        outbox::enqueue_notification(
+            w,
+            config,
+            task,
+            "cancel_deferred",
+            &format!(
+                "STOP received for {} during its merge/deploy window; it will be applied as soon as the deploy step finishes ({reason}).",
+                task.label()
+            ),
+            json!({ "reason": reason, "deferred": true }),
+        )?;
+    }
+    Ok(Decision::Deferred {
+        first,
+        jobs_cancelled: cancelled.len(),
+    })
+}
+
+/// The full reset's transaction (SPEC §3 4.1), usable inside any write: cancels every
+/// queued/running job, makes the task `cancelled` with tombstoned keys, releases its lease,
+/// clears its deploy marker, and writes the audit rows and the outbox rows of the side
+/// effects. Returns the number of jobs cancelled. The caller runs the outbox after commit.
+pub fn full_reset_tx(w: &Writer, config: &Config, task: &Task, opts: &StopOptions) -> Result<usize> {
+    let reason = opts.reason();
+    let cancelled = w.cancel_jobs_for_task(task.id, false, &reason)?;
+    if !w.mark_task_cancelled(task.id, &reason)? {
+        return Ok(cancelled.len());
+    }
+    let mut lease_released = false;
+    if let Some(branch) = &task.branch {
+        lease_released = w.release_lease(&task.repo, branch)?;
+    }
+    let marker_cleared = match task.original_work_item() {
+        Some(wi) => w.clear_marker(&task.repo, wi)?,
+        None => false,
+    };
+
+    let mut effects = Vec::new();
+    for job in cancelled.iter().filter(|j| j.status == "running") {
+        if let Some(pid) = job.pid {
+            effects.push(Effect::StopProcess {
+                job_id: job.id,
+                run_id: job.run_id,
+                pid,
+                proc_start: job.proc_start,
+            });
+        }
+    }
+    if let Some(branch) = &task.branch {
+        effects.push(Effect::RemoveWorktree {
+            repo: task.repo.clone(),
+            branch: branch.clone(),
+        });
+        effects.push(Effect::DeleteRemoteBranch {
+            repo: task.repo.clone(),
+            branch: branch.clone(),
+        });
+    }
+    for e in &effects {
+        outbox::enqueue(w, Some(task.id), e)?;
+    }
+    w.event(
+        Some(task.id),
+        "cancelled",
+        &json!({
+            "reason": reason,
+            "source": opts.source,
+            "forced": opts.force,
+            "jobs_cancelled": cancelled.iter().map(|j| j.id).collect::<Vec<_>>(),
+            "lease_released": lease_released,
+            "marker_cleared": marker_cleared,
+            "effects": effects.iter().map(|e| serde_json::to_value(e).ok().and_then(|v| v.get("kind").cloned())).collect::<Vec<_>>(),
+        }),
+    )?;
+    outbox::enqueue_notification(
+        w,
+        config,
+        task,
+        "task_cancelled",
+        &format!(
+            "{} was stopped ({reason}). Its agents were stopped, its jobs cancelled, its worktree and branch removed; its docs and history are kept.",
+            task.label()
+        ),
+        json!({ "reason": reason, "deferred": false, "source": opts.source }),
+    )?;
+    Ok(cancelled.len())
+}

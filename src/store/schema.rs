@@ -1,0 +1,234 @@
+//! The schema as an append-only list of migrations, versioned by `PRAGMA user_version`.
+//!
+//! Never edit or remove an entry: a database in the field has already run it. Add a new
+//! function at the end of [`MIGRATIONS`]. Every migration is additive and idempotent
+//! (`IF NOT EXISTS`, columns added only when missing), so a database made by the Python
+//! predecessor — tables present, `user_version` 0, some columns missing — is brought up
+//! to date instead of being rejected.
+
+use anyhow::{Context, Result};
+use rusqlite::Connection;
+
+type Migration = fn(&Connection) -> Result<()>;
+
+/// Index `i` brings a database from version `i` to version `i + 1`.
+pub const MIGRATIONS: &[Migration] = &[m1_base, m2_job_counts];
+
+/// The schema version this binary writes.
+pub fn current_version() -> i64 {
+    MIGRATIONS.len() as i64
+}
+
+const NOW: &str = "(strftime('%Y-%m-%dT%H:%M:%fZ','now'))";
+
+fn has_column(conn: &Connection, table: &str, column: &str) -> Result<bool> {
+    let mut stmt = conn.prepare(&format!("PRAGMA table_info({table})"))?;
+    let mut rows = stmt.query([])?;
+    while let Some(row) = rows.next()? {
+        let name: String = row.get(1)?;
+        if name == column {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+/// Adds `column` to `table` when missing. `ALTER TABLE ADD COLUMN` only takes constant
+/// defaults, so time columns added this way start NULL; the store always writes them.
+fn ensure_column(conn: &Connection, table: &str, column: &str, decl: &str) -> Result<()> {
+    if !has_column(conn, table, column)? {
+        conn.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column} {decl}"))
+            .with_context(|| format!("adding column {table}.{column}"))?;
+    }
+    Ok(())
+}
+
+fn m1_base(conn: &Connection) -> Result<()> {
+    conn.execute_batch(&format!(
+        "
+        CREATE TABLE IF NOT EXISTS tasks (
+            id INTEGER PRIMARY KEY,
+            plane_id TEXT UNIQUE,
+            work_item_id TEXT UNIQUE,
+            plane_issue_id TEXT,
+            project_id TEXT,
+            repo TEXT NOT NULL,
+            branch TEXT,
+            title TEXT,
+            stage TEXT NOT NULL DEFAULT 'analysis',
+            created_at TEXT DEFAULT {NOW},
+            updated_at TEXT DEFAULT {NOW},
+            cancelled_at TEXT,
+            cancel_requested_at TEXT,
+            cancel_reason TEXT
+        );
+        CREATE TABLE IF NOT EXISTS jobs (
+            id INTEGER PRIMARY KEY,
+            agent TEXT NOT NULL,
+            repo TEXT NOT NULL,
+            task_id INTEGER REFERENCES tasks(id),
+            status TEXT NOT NULL DEFAULT 'queued',
+            pid INTEGER,
+            proc_start INTEGER,
+            run_id INTEGER,
+            attempts INTEGER NOT NULL DEFAULT 0,
+            max_attempts INTEGER NOT NULL DEFAULT 2,
+            created_at TEXT DEFAULT {NOW},
+            claimed_at TEXT,
+            finished_at TEXT,
+            error TEXT
+        );
+        CREATE TABLE IF NOT EXISTS task_deps (
+            task_id INTEGER NOT NULL REFERENCES tasks(id),
+            depends_on INTEGER NOT NULL REFERENCES tasks(id),
+            PRIMARY KEY (task_id, depends_on)
+        );
+        CREATE TABLE IF NOT EXISTS task_events (
+            id INTEGER PRIMARY KEY,
+            task_id INTEGER REFERENCES tasks(id),
+            at TEXT NOT NULL DEFAULT {NOW},
+            kind TEXT NOT NULL,
+            detail TEXT
+        );
+        CREATE TABLE IF NOT EXISTS merge_leases (
+            repo TEXT PRIMARY KEY,
+            branch TEXT NOT NULL,
+            task_id INTEGER,
+            acquired_at TEXT NOT NULL DEFAULT {NOW}
+        );
+        CREATE TABLE IF NOT EXISTS deploy_markers (
+            repo TEXT NOT NULL,
+            work_item_id TEXT NOT NULL,
+            state TEXT NOT NULL,
+            task_id INTEGER,
+            set_at TEXT NOT NULL DEFAULT {NOW},
+            PRIMARY KEY (repo, work_item_id)
+        );
+        CREATE TABLE IF NOT EXISTS outbox (
+            id INTEGER PRIMARY KEY,
+            task_id INTEGER REFERENCES tasks(id),
+            kind TEXT NOT NULL,
+            payload TEXT NOT NULL,
+            status TEXT NOT NULL DEFAULT 'pending',
+            attempts INTEGER NOT NULL DEFAULT 0,
+            last_error TEXT,
+            result TEXT,
+            next_attempt_at TEXT,
+            claimed_pid INTEGER,
+            claimed_start INTEGER,
+            claimed_until TEXT,
+            created_at TEXT NOT NULL DEFAULT {NOW},
+            updated_at TEXT
+        );
+        CREATE TABLE IF NOT EXISTS plane_deliveries (
+            body_sha256 TEXT PRIMARY KEY,
+            delivery_id TEXT,
+            event TEXT,
+            action TEXT,
+            task_id INTEGER,
+            received_at TEXT NOT NULL DEFAULT {NOW}
+        );
+        CREATE TABLE IF NOT EXISTS plane_states (
+            project_id TEXT NOT NULL,
+            state_id TEXT NOT NULL,
+            name TEXT NOT NULL,
+            state_group TEXT,
+            fetched_at TEXT NOT NULL DEFAULT {NOW},
+            PRIMARY KEY (project_id, state_id)
+        );
+        CREATE TABLE IF NOT EXISTS plane_projects (
+            project_id TEXT PRIMARY KEY,
+            identifier TEXT NOT NULL,
+            fetched_at TEXT NOT NULL DEFAULT {NOW}
+        );
+        "
+    ))
+    .context("creating the base tables")?;
+
+    // A predecessor's database may have the tables with fewer columns.
+    for (column, decl) in [
+        ("plane_id", "TEXT"),
+        ("work_item_id", "TEXT"),
+        ("plane_issue_id", "TEXT"),
+        ("project_id", "TEXT"),
+        ("branch", "TEXT"),
+        ("title", "TEXT"),
+        ("stage", "TEXT NOT NULL DEFAULT 'analysis'"),
+        ("created_at", "TEXT"),
+        ("updated_at", "TEXT"),
+        ("cancelled_at", "TEXT"),
+        ("cancel_requested_at", "TEXT"),
+        ("cancel_reason", "TEXT"),
+    ] {
+        ensure_column(conn, "tasks", column, decl)?;
+    }
+    for (column, decl) in [
+        ("task_id", "INTEGER REFERENCES tasks(id)"),
+        ("status", "TEXT NOT NULL DEFAULT 'queued'"),
+        ("pid", "INTEGER"),
+        ("proc_start", "INTEGER"),
+        ("run_id", "INTEGER"),
+        ("attempts", "INTEGER NOT NULL DEFAULT 0"),
+        ("max_attempts", "INTEGER NOT NULL DEFAULT 2"),
+        ("created_at", "TEXT"),
+        ("claimed_at", "TEXT"),
+        ("finished_at", "TEXT"),
+        ("error", "TEXT"),
+    ] {
+        ensure_column(conn, "jobs", column, decl)?;
+    }
+
+    conn.execute_batch(
+        "
+        -- claim: the oldest queued job; reap: every running job; queue: counts.
+        CREATE INDEX IF NOT EXISTS jobs_status_id ON jobs(status, id);
+        -- stop/complete: the jobs of one task.
+        CREATE INDEX IF NOT EXISTS jobs_task_status ON jobs(task_id, status);
+        -- claim: max(run_id) + 1 without a scan.
+        CREATE INDEX IF NOT EXISTS jobs_run_id ON jobs(run_id);
+        CREATE INDEX IF NOT EXISTS tasks_plane_issue ON tasks(plane_issue_id);
+        CREATE INDEX IF NOT EXISTS tasks_stage ON tasks(stage);
+        CREATE INDEX IF NOT EXISTS tasks_cancelled_at ON tasks(cancelled_at)
+            WHERE cancelled_at IS NOT NULL;
+        CREATE INDEX IF NOT EXISTS tasks_cancel_pending ON tasks(id)
+            WHERE cancel_requested_at IS NOT NULL AND stage NOT IN ('done', 'cancelled');
+        CREATE INDEX IF NOT EXISTS task_deps_depends_on ON task_deps(depends_on);
+        CREATE INDEX IF NOT EXISTS task_events_task ON task_events(task_id, id);
+        CREATE INDEX IF NOT EXISTS outbox_task ON outbox(task_id, id);
+        CREATE INDEX IF NOT EXISTS outbox_status ON outbox(status, id)
+            WHERE status <> 'done';
+        ",
+    )
+    .context("creating indexes")?;
+    Ok(())
+}
+
+/// Job counts by status kept by triggers, so `queue` answers in constant time however long
+/// the history grows (a `GROUP BY status` over a million jobs is a full index scan).
+fn m2_job_counts(conn: &Connection) -> Result<()> {
+    conn.execute_batch(
+        "
+        CREATE TABLE IF NOT EXISTS job_counts (
+            status TEXT PRIMARY KEY,
+            n INTEGER NOT NULL
+        ) WITHOUT ROWID;
+        DELETE FROM job_counts;
+        INSERT INTO job_counts(status, n) SELECT status, count(*) FROM jobs GROUP BY status;
+        CREATE TRIGGER IF NOT EXISTS job_counts_insert AFTER INSERT ON jobs BEGIN
+            INSERT INTO job_counts(status, n) VALUES (NEW.status, 1)
+                ON CONFLICT(status) DO UPDATE SET n = n + 1;
+        END;
+        CREATE TRIGGER IF NOT EXISTS job_counts_delete AFTER DELETE ON jobs BEGIN
+            UPDATE job_counts SET n = n - 1 WHERE status = OLD.status;
+        END;
+        CREATE TRIGGER IF NOT EXISTS job_counts_update AFTER UPDATE OF status ON jobs
+            WHEN OLD.status IS NOT NEW.status BEGIN
+            UPDATE job_counts SET n = n - 1 WHERE status = OLD.status;
+            INSERT INTO job_counts(status, n) VALUES (NEW.status, 1)
+                ON CONFLICT(status) DO UPDATE SET n = n + 1;
+        END;
+        ",
+    )
+    .context("creating the job counters")?;
+    Ok(())
+}

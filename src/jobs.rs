@@ -46,7 +46,10 @@ fn apply_deferred_if_window_closed(w: &Writer, ctx: &Ctx, task_id: i64) -> Resul
     let Some(task) = w.task(task_id)? else {
         return Ok(false);
     };
-    if task.is_terminal() || task.cancel_requested_at.is_none() || stop::in_critical_window(w, &task)? {
+    if task.is_terminal()
+        || task.cancel_requested_at.is_none()
+        || stop::in_critical_window(w, &task)?
+    {
         return Ok(false);
     }
     let opts = StopOptions {
@@ -59,7 +62,12 @@ fn apply_deferred_if_window_closed(w: &Writer, ctx: &Ctx, task_id: i64) -> Resul
 }
 
 /// Records the outcome of run `run_id` of job `job_id`.
-pub fn complete(ctx: &Ctx, job_id: i64, run_id: i64, outcome: &RunOutcome) -> Result<CompleteResult> {
+pub fn complete(
+    ctx: &Ctx,
+    job_id: i64,
+    run_id: i64,
+    outcome: &RunOutcome,
+) -> Result<CompleteResult> {
     let (note, next_job, task_id) = ctx.store.write(|w| {
         let job = w.job(job_id)?.ok_or_else(|| {
             anyhow::Error::from(Coded::new(ExitKind::Failure, format!("no job {job_id}")))
@@ -163,15 +171,27 @@ fn advance(w: &Writer, ctx: &Ctx, task: &Task, job: &Job) -> Result<(String, Opt
     match pipeline::next_stage_after_success(&task.stage, &job.agent) {
         Some(next) => {
             w.set_stage(task.id, &task.stage, next)?;
-            w.event(Some(task.id), "stage_changed", &json!({ "from": task.stage, "to": next }))?;
+            w.event(
+                Some(task.id),
+                "stage_changed",
+                &json!({ "from": task.stage, "to": next }),
+            )?;
             let next_job = match pipeline::entry_agent(next) {
                 Some(agent) => {
                     let id = w.insert_job(Some(task.id), agent, &task.repo)?;
-                    w.event(Some(task.id), "job_queued", &json!({ "job_id": id, "agent": agent }))?;
+                    w.event(
+                        Some(task.id),
+                        "job_queued",
+                        &json!({ "job_id": id, "agent": agent }),
+                    )?;
                     Some(id)
                 }
                 None => {
-                    w.event(Some(task.id), "parked", &json!({ "stage": next, "awaiting": "Confirm Deploy" }))?;
+                    w.event(
+                        Some(task.id),
+                        "parked",
+                        &json!({ "stage": next, "awaiting": "Confirm Deploy" }),
+                    )?;
                     None
                 }
             };
@@ -218,7 +238,9 @@ pub struct ReapReport {
 /// Why a running job is considered dead, or `None` while it lives.
 fn death(ctx: &Ctx, job: &Job, recover: bool) -> Result<Option<String>> {
     if recover {
-        return Ok(Some("recovery: every running job is dead after a reboot".into()));
+        return Ok(Some(
+            "recovery: every running job is dead after a reboot".into(),
+        ));
     }
     let age = || -> Result<Option<f64>> { ctx.store.read(|r| r.seconds_since_claim(job.id)) };
     let timeout = Duration::from_secs(ctx.config.claim_timeout_secs.max(0) as u64).as_secs_f64();
@@ -258,11 +280,17 @@ pub fn reap_unknown_outcome(w: &Writer, job: &Job, reason: &str) -> Result<Optio
         .map(|t| t.is_terminal() || t.cancel_requested_at.is_some())
         .unwrap_or(false);
     let (action, changed) = if stopping {
-        ("cancelled", w.finish_running(job.id, job.run_id, "cancelled", Some(reason))?)
+        (
+            "cancelled",
+            w.finish_running(job.id, job.run_id, "cancelled", Some(reason))?,
+        )
     } else if job.attempts < job.max_attempts {
         ("requeued", w.requeue_run(job.id, job.run_id, Some(reason))?)
     } else {
-        ("failed", w.finish_running(job.id, job.run_id, "failed", Some(reason))?)
+        (
+            "failed",
+            w.finish_running(job.id, job.run_id, "failed", Some(reason))?,
+        )
     };
     if !changed {
         return Ok(None);

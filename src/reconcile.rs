@@ -49,7 +49,10 @@ pub fn reconcile(ctx: &Ctx) -> Result<ReconcileReport> {
             let Some(t) = w.task(task.id)? else {
                 return Ok(false);
             };
-            if t.is_terminal() || t.cancel_requested_at.is_none() || stop::in_critical_window(w, &t)? {
+            if t.is_terminal()
+                || t.cancel_requested_at.is_none()
+                || stop::in_critical_window(w, &t)?
+            {
                 return Ok(false);
             }
             let opts = StopOptions {

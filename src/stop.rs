@@ -102,7 +102,7 @@ pub fn in_critical_window(r: &Reader, task: &Task) -> Result<bool> {
 /// What the transaction decided.
 enum Decision {
     NoTask,
-    Terminal(Task),
+    Terminal(String),
     Deferred { first: bool, jobs_cancelled: usize },
     Reset { jobs_cancelled: usize },
 }
@@ -135,7 +135,7 @@ pub fn cancel_task(ctx: &Ctx, task_id: i64, opts: &StopOptions) -> Result<StopRe
             return Ok(Decision::NoTask);
         };
         if task.is_terminal() {
-            return Ok(Decision::Terminal(task));
+            return Ok(Decision::Terminal(task.stage));
         }
         if !opts.force && in_critical_window(w, &task)? {
             return defer_tx(w, &ctx.config, &task, opts);
@@ -147,7 +147,7 @@ pub fn cancel_task(ctx: &Ctx, task_id: i64, opts: &StopOptions) -> Result<StopRe
     let (deferred, jobs_cancelled, note) = match decision {
         Decision::NoTask => return Ok(no_task(&task_id.to_string())),
         // A STOP killed half-way left effects pending: the repeated STOP finishes them.
-        Decision::Terminal(task) => (false, 0, format!("already-terminal:{}", task.stage)),
+        Decision::Terminal(stage) => (false, 0, format!("already-terminal:{stage}")),
         Decision::Deferred {
             first: true,
             jobs_cancelled,
@@ -213,7 +213,12 @@ fn defer_tx(w: &Writer, config: &Config, task: &Task, opts: &StopOptions) -> Res
 /// queued/running job, makes the task `cancelled` with tombstoned keys, releases its lease,
 /// clears its deploy marker, and writes the audit rows and the outbox rows of the side
 /// effects. Returns the number of jobs cancelled. The caller runs the outbox after commit.
-pub fn full_reset_tx(w: &Writer, config: &Config, task: &Task, opts: &StopOptions) -> Result<usize> {
+pub fn full_reset_tx(
+    w: &Writer,
+    config: &Config,
+    task: &Task,
+    opts: &StopOptions,
+) -> Result<usize> {
     let reason = opts.reason();
     let cancelled = w.cancel_jobs_for_task(task.id, false, &reason)?;
     if !w.mark_task_cancelled(task.id, &reason)? {

@@ -1,3 +1,4 @@
 mod common;
 mod lifecycle;
 mod stop;
+mod wal;

@@ -607,9 +607,13 @@ impl<'c> Reader<'c> {
 
     /// Pending side effects whose retry time has come, oldest first.
     pub fn due_effects(&self, limit: i64) -> Result<Vec<OutboxRow>> {
+        // `status <> 'done'` repeats the condition of the partial index `outbox_status`:
+        // SQLite uses a partial index only when the query states its condition, and
+        // without it this reads the whole outbox (one row per side effect ever run).
         let mut stmt = self.c.prepare_cached(&format!(
             "SELECT {OUTBOX_COLS} FROM outbox
-             WHERE status = 'pending' AND (next_attempt_at IS NULL OR next_attempt_at <= {NOW_SQL})
+             WHERE status = 'pending' AND status <> 'done'
+               AND (next_attempt_at IS NULL OR next_attempt_at <= {NOW_SQL})
              ORDER BY id LIMIT ?1"
         ))?;
         let rows = stmt
@@ -620,8 +624,10 @@ impl<'c> Reader<'c> {
 
     /// Side effects not done (pending or failed), newest first.
     pub fn open_effects(&self, limit: i64) -> Result<Vec<OutboxRow>> {
+        // `status <> 'done'`: the partial index `outbox_status` (see `due_effects`).
         let mut stmt = self.c.prepare_cached(&format!(
-            "SELECT {OUTBOX_COLS} FROM outbox WHERE status IN ('pending', 'failed')
+            "SELECT {OUTBOX_COLS} FROM outbox
+             WHERE status IN ('pending', 'failed') AND status <> 'done'
              ORDER BY id DESC LIMIT ?1"
         ))?;
         let rows = stmt
@@ -630,10 +636,13 @@ impl<'c> Reader<'c> {
         Ok(rows)
     }
 
+    /// How many side effects are in `status`, one of those not done (`pending`,
+    /// `failed`): done ones are history and are not counted here.
     pub fn count_effects(&self, status: &str) -> Result<i64> {
+        // `status <> 'done'`: the partial index `outbox_status` (see `due_effects`).
         Ok(self
             .c
-            .prepare_cached("SELECT count(*) FROM outbox WHERE status = ?1")?
+            .prepare_cached("SELECT count(*) FROM outbox WHERE status = ?1 AND status <> 'done'")?
             .query_row([status], |r| r.get(0))?)
     }
 
@@ -661,12 +670,14 @@ impl<'c> Reader<'c> {
 
     /// Live tasks whose dependencies are not all done.
     pub fn blocked_tasks(&self, limit: i64) -> Result<Vec<(i64, Vec<i64>)>> {
+        // Driven by the live tasks (the partial index `tasks_live`), not by every
+        // dependency ever recorded.
         let mut stmt = self.c.prepare_cached(
-            "SELECT d.task_id, group_concat(d.depends_on) FROM task_deps d
-             JOIN tasks t ON t.id = d.task_id
+            "SELECT t.id, group_concat(d.depends_on) FROM tasks t
+             JOIN task_deps d ON d.task_id = t.id
              LEFT JOIN tasks dt ON dt.id = d.depends_on
              WHERE t.stage NOT IN ('done', 'cancelled') AND dt.stage IS NOT 'done'
-             GROUP BY d.task_id ORDER BY d.task_id LIMIT ?1",
+             GROUP BY t.id ORDER BY t.id LIMIT ?1",
         )?;
         let rows = stmt
             .query_map([limit], |r| {

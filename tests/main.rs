@@ -1,4 +1,5 @@
 mod common;
 mod lifecycle;
+mod plans;
 mod stop;
 mod wal;

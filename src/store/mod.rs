@@ -273,6 +273,55 @@ impl Store {
     pub fn connection(&self) -> &Connection {
         &self.conn
     }
+
+    /// The SQL text of every statement this connection holds prepared: after a command,
+    /// every query the store ran for it (they all go through the statement cache). With
+    /// [`Store::explain`] this lets the query-plan tests check exactly the SQL in use.
+    pub fn prepared_sql(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        // SAFETY: the handle is valid while `self.conn` lives and nothing else uses this
+        // connection meanwhile (`Connection` is not `Sync`); `sqlite3_sql` returns text owned
+        // by the statement, copied out before the next call can finalize anything.
+        unsafe {
+            let db = self.conn.handle();
+            let mut stmt = rusqlite::ffi::sqlite3_next_stmt(db, std::ptr::null_mut());
+            while !stmt.is_null() {
+                let text = rusqlite::ffi::sqlite3_sql(stmt);
+                if !text.is_null() {
+                    out.push(
+                        std::ffi::CStr::from_ptr(text)
+                            .to_string_lossy()
+                            .into_owned(),
+                    );
+                }
+                stmt = rusqlite::ffi::sqlite3_next_stmt(db, stmt);
+            }
+        }
+        out.sort();
+        out
+    }
+
+    /// `EXPLAIN QUERY PLAN` of `sql` on this database, one line per step, the programs
+    /// of the triggers it fires included.
+    pub fn explain(&self, sql: &str) -> Result<Vec<String>> {
+        let trig = DbConfig::SQLITE_DBCONFIG_TRIGGER_EQP;
+        let before = self.conn.db_config(trig)?;
+        self.conn.set_db_config(trig, true)?;
+        let plan = self
+            .conn
+            .prepare(&format!("EXPLAIN QUERY PLAN {sql}"))
+            .and_then(|mut stmt| {
+                // Parameters stay unbound: a plan is made before any value is known.
+                let mut rows = stmt.raw_query();
+                let mut lines = Vec::new();
+                while let Some(row) = rows.next()? {
+                    lines.push(row.get::<_, String>(3)?);
+                }
+                Ok(lines)
+            });
+        self.conn.set_db_config(trig, before)?;
+        plan.with_context(|| format!("explaining {sql}"))
+    }
 }
 
 #[derive(Debug, Clone, Copy, serde::Serialize, PartialEq)]

@@ -1,0 +1,346 @@
+//! Query plans (SPEC §10): the commands that run once per event or cron tick — claim,
+//! complete, stop, reap and queue — must cost the same with a million jobs of history as
+//! with a thousand, so none of their queries may read a history table whole.
+//!
+//! Each command runs through the library on a real database, exercising its branches. The
+//! store's statement cache then holds every statement it ran — the exact SQL in use, not a
+//! copy — and each is explained with `EXPLAIN QUERY PLAN` (trigger programs included). A
+//! `SCAN` of a table that grows with history (or of one of its indexes) fails the test.
+//! Plans do not depend on the amount of data (orchctl never runs ANALYZE), so a small
+//! database shows the plans a large one gets.
+
+use std::collections::BTreeSet;
+
+use orchctl::claim::{self, ClaimRequest};
+use orchctl::jobs::{self, ReapOptions, RunOutcome};
+use orchctl::stop::{self, StopOptions};
+use orchctl::{queue, Ctx};
+
+use crate::common::Env;
+
+/// Tables that grow with history.
+const HISTORY: [&str; 6] = [
+    "jobs",
+    "tasks",
+    "task_events",
+    "outbox",
+    "task_deps",
+    "plane_deliveries",
+];
+
+/// Scans that stop early however long the history: (a fragment of the statement, why).
+const BOUNDED: [(&str, &str); 1] = [(
+    "FROM jobs ORDER BY id DESC LIMIT ?1",
+    "the newest jobs, read backwards by rowid: stops after LIMIT rows",
+)];
+
+/// Partial indexes that hold live rows only, so reading one whole costs the live work,
+/// not the history: (index, what it holds).
+const LIVE_INDEXES: [(&str, &str); 3] = [
+    ("tasks_live", "tasks not done or cancelled"),
+    ("tasks_cancel_pending", "live tasks with a deferred STOP"),
+    ("outbox_status", "side effects not done"),
+];
+
+/// The table each name in `sql` can stand for: the table itself and its aliases
+/// (`FROM jobs j`, `JOIN tasks AS t`).
+fn aliases(sql: &str) -> Vec<(String, String)> {
+    const KEYWORDS: [&str; 16] = [
+        "WHERE",
+        "SET",
+        "ON",
+        "LEFT",
+        "JOIN",
+        "INNER",
+        "CROSS",
+        "ORDER",
+        "GROUP",
+        "LIMIT",
+        "USING",
+        "UNION",
+        "VALUES",
+        "RETURNING",
+        "AND",
+        "DEFAULT",
+    ];
+    let words: Vec<&str> = sql
+        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+        .filter(|w| !w.is_empty())
+        .collect();
+    let mut out = Vec::new();
+    for (i, w) in words.iter().enumerate() {
+        let Some(table) = HISTORY.iter().find(|t| t.eq_ignore_ascii_case(w)) else {
+            continue;
+        };
+        out.push((table.to_string(), table.to_string()));
+        let mut next = words.get(i + 1).copied();
+        if next.is_some_and(|n| n.eq_ignore_ascii_case("AS")) {
+            next = words.get(i + 2).copied();
+        }
+        if let Some(n) = next.filter(|n| !KEYWORDS.iter().any(|k| k.eq_ignore_ascii_case(n))) {
+            out.push((n.to_string(), table.to_string()));
+        }
+    }
+    out
+}
+
+/// The full scans of history tables in the plan of `sql`, as "table: plan line".
+fn full_scans(ctx: &Ctx, sql: &str) -> Vec<String> {
+    if BOUNDED
+        .iter()
+        .any(|(fragment, _)| one_line(sql).contains(fragment))
+    {
+        return Vec::new();
+    }
+    let names = aliases(sql);
+    let plan = ctx.store.explain(sql).unwrap();
+    let mut out = Vec::new();
+    for line in &plan {
+        let Some(rest) = line.trim().strip_prefix("SCAN ") else {
+            continue;
+        };
+        let words: Vec<&str> = rest.split_whitespace().collect();
+        let name = words.first().copied().unwrap_or_default();
+        let index = words
+            .iter()
+            .position(|w| *w == "INDEX")
+            .and_then(|i| words.get(i + 1));
+        if index.is_some_and(|i| LIVE_INDEXES.iter().any(|(live, _)| live == i)) {
+            continue;
+        }
+        if let Some((_, table)) = names.iter().find(|(n, _)| n == name) {
+            out.push(format!("{table}: {line}"));
+        }
+    }
+    out
+}
+
+/// Every statement `ctx` ran, checked; returns them for the callers' own assertions.
+fn check_plans(command: &str, ctx: &Ctx) -> Vec<String> {
+    let statements = ctx.store.prepared_sql();
+    let mut bad = Vec::new();
+    for sql in &statements {
+        for scan in full_scans(ctx, sql) {
+            bad.push(format!("{scan}\n    in: {}", one_line(sql)));
+        }
+    }
+    assert!(
+        bad.is_empty(),
+        "`{command}` reads a history table whole:\n  {}",
+        bad.join("\n  ")
+    );
+    statements
+}
+
+fn one_line(sql: &str) -> String {
+    sql.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+fn ctx(env: &Env) -> Ctx {
+    let ctx = env.ctx();
+    // Every statement of the command stays cached, so none escapes the check.
+    ctx.store
+        .connection()
+        .set_prepared_statement_cache_capacity(1000);
+    ctx
+}
+
+fn add(env: &Env, work_item: &str, stage: &str, extra: &[&str]) -> i64 {
+    let mut args = vec![
+        "task",
+        "add",
+        "--repo",
+        "orchestrator",
+        "--work-item",
+        work_item,
+        "--stage",
+        stage,
+    ];
+    args.extend(extra);
+    env.json(&args)["task"]["id"].as_i64().unwrap()
+}
+
+/// A database with some history and live work of every kind the commands act on.
+fn world() -> Env {
+    let env = Env::new();
+    for i in 0..5 {
+        let t = env.make_task(&format!("PL-H{i}"), &format!("ORCH-H{i}"), "done", None);
+        env.make_job(t, "done", None, Some(100 + i));
+    }
+    let dep = add(&env, "ORCH-1", "analysis", &[]);
+    add(
+        &env,
+        "ORCH-2",
+        "development",
+        &["--depends-on", &dep.to_string()],
+    );
+    add(&env, "ORCH-3", "development", &[]);
+    add(&env, "ORCH-4", "review", &[]);
+    let deploy = env.make_task("PL-5", "ORCH-5", "deploy", None);
+    env.make_job_full(deploy, "deployer", "queued", None, None, None, 0, 2);
+    env
+}
+
+#[test]
+fn the_checker_finds_a_full_scan_of_jobs() {
+    let env = world();
+    let ctx = ctx(&env);
+    let scans = full_scans(&ctx, "SELECT j.id FROM jobs j WHERE j.error = ?1");
+    assert_eq!(scans.len(), 1, "{scans:?}");
+    assert!(scans[0].starts_with("jobs: SCAN j"), "{scans:?}");
+    // ... and accepts a search by index.
+    assert!(full_scans(&ctx, "SELECT id FROM jobs WHERE status = 'running'").is_empty());
+}
+
+#[test]
+fn claim_never_scans_history() {
+    let env = world();
+    let ctx = ctx(&env);
+    // The plain claim, a filtered one, a deployer under the serial gate (takes the lease),
+    // a launch, and one that finds nothing.
+    claim::claim(&ctx, &ClaimRequest::default())
+        .unwrap()
+        .unwrap();
+    let filtered = ClaimRequest {
+        agents: vec!["deployer".into(), "reviewer".into()],
+        repo: Some("orchestrator".into()),
+        exec: Vec::new(),
+    };
+    claim::claim(&ctx, &filtered).unwrap().unwrap();
+    let launched = ClaimRequest {
+        exec: vec!["true".into()],
+        ..Default::default()
+    };
+    claim::claim(&ctx, &launched).unwrap().unwrap();
+    while claim::claim(&ctx, &ClaimRequest::default())
+        .unwrap()
+        .is_some()
+    {}
+    let sql = check_plans("claim", &ctx);
+    assert!(
+        sql.iter().any(|s| s.contains("j.status = 'queued'")),
+        "the claim query itself was checked: {sql:#?}"
+    );
+    assert!(sql.iter().any(|s| s.contains("INSERT INTO merge_leases")));
+}
+
+#[test]
+fn complete_never_scans_history() {
+    let env = world();
+    let ctx = ctx(&env);
+    // Success (advances the pipeline), failure with attempts left (requeue), final
+    // failure (notification), a stale run, and the deployer's success (finalize).
+    let mut runs = Vec::new();
+    while let Some(c) = claim::claim(&ctx, &ClaimRequest::default()).unwrap() {
+        runs.push(c);
+    }
+    assert!(runs.len() >= 4, "{runs:?}");
+    let ok = RunOutcome::Success;
+    let fail = RunOutcome::Failure(Some("tests failed".into()));
+    for c in &runs {
+        let outcome = if c.agent == "developer" { &fail } else { &ok };
+        jobs::complete(&ctx, c.id, c.run_id, outcome).unwrap();
+    }
+    let again = claim::claim(&ctx, &ClaimRequest::default())
+        .unwrap()
+        .unwrap();
+    jobs::complete(&ctx, again.id, again.run_id, &fail).unwrap();
+    let stale = jobs::complete(&ctx, again.id, again.run_id, &ok).unwrap();
+    assert_eq!(stale.note, "stale-run");
+    let sql = check_plans("complete", &ctx);
+    assert!(sql
+        .iter()
+        .any(|s| s.contains("UPDATE jobs SET status = ?3")));
+}
+
+#[test]
+fn stop_never_scans_history() {
+    let env = world();
+    // A running job whose agent is gone, a queued one, a task in its deploy window (the
+    // deferred cancel), a terminal task and a reference that matches nothing.
+    let c = env.ctx();
+    let running = claim::claim(&c, &ClaimRequest::default()).unwrap().unwrap();
+    c.store
+        .write(|w| w.record_launch(running.id, running.run_id, 999_999, 1))
+        .unwrap();
+    drop(c);
+    let critical = env.make_task("PL-9", "ORCH-9", "deploy", None);
+    env.make_job_full(critical, "deployer", "queued", None, None, None, 0, 2);
+    env.json(&["deploy-begin", "ORCH-9"]);
+
+    let ctx = ctx(&env);
+    let opts = StopOptions::operator(None, false);
+    let r = stop::stop(&ctx, running.work_item_id.as_deref().unwrap(), &opts).unwrap();
+    assert_eq!(r.note, "cancelled");
+    assert_eq!(stop::stop(&ctx, "ORCH-3", &opts).unwrap().note, "cancelled");
+    let d = stop::stop(&ctx, "PL-9", &opts).unwrap();
+    assert_eq!(d.note, "deferred-critical-window");
+    assert_eq!(
+        stop::stop(&ctx, "ORCH-H0", &opts).unwrap().note,
+        "already-terminal:done"
+    );
+    assert_eq!(stop::stop(&ctx, "ORCH-404", &opts).unwrap().note, "no-task");
+    let sql = check_plans("stop", &ctx);
+    assert!(sql
+        .iter()
+        .any(|s| s.contains("UPDATE tasks SET stage = 'cancelled'")));
+    assert!(sql.iter().any(|s| s.contains("UPDATE outbox SET")));
+}
+
+#[test]
+fn reap_never_scans_history() {
+    let env = world();
+    let c = env.ctx();
+    // A dead agent, a run without a pid (judged by age), and a run of a cancelled task.
+    let dead = claim::claim(&c, &ClaimRequest::default()).unwrap().unwrap();
+    c.store
+        .write(|w| w.record_launch(dead.id, dead.run_id, 999_999, 1))
+        .unwrap();
+    claim::claim(&c, &ClaimRequest::default()).unwrap().unwrap();
+    let doomed = claim::claim(&c, &ClaimRequest::default()).unwrap().unwrap();
+    c.store
+        .write(|w| {
+            w.record_launch(doomed.id, doomed.run_id, 999_998, 1)?;
+            w.mark_task_cancelled(doomed.task_id.unwrap(), "test")
+        })
+        .unwrap();
+    drop(c);
+
+    let ctx = ctx(&env);
+    let r = jobs::reap(
+        &ctx,
+        ReapOptions {
+            dry_run: false,
+            recover: false,
+        },
+    )
+    .unwrap();
+    assert_eq!((r.requeued, r.cancelled, r.alive), (1, 1, 1), "{r:?}");
+    let sql = check_plans("reap", &ctx);
+    assert!(sql.iter().any(|s| s.contains("WHERE status = 'running'")));
+}
+
+#[test]
+fn queue_never_scans_history() {
+    let env = world();
+    let c = env.ctx();
+    stop::stop(&c, "ORCH-4", &StopOptions::operator(None, false)).unwrap();
+    drop(c);
+    let ctx = ctx(&env);
+    let snapshot = queue::snapshot(&ctx, 10);
+    for block in [
+        "counts",
+        "serial_gate",
+        "task_deps",
+        "recent",
+        "outbox",
+        "stop",
+    ] {
+        assert!(
+            snapshot[block].get("error").is_none(),
+            "{block}: {snapshot}"
+        );
+    }
+    let sql: BTreeSet<String> = check_plans("queue", &ctx).into_iter().collect();
+    assert!(sql.len() >= 8, "{sql:#?}");
+}

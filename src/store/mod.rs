@@ -618,10 +618,13 @@ impl<'c> Reader<'c> {
         Ok(rows)
     }
 
+    /// Tasks that are `done` or `cancelled` (kept by triggers: constant time).
     pub fn count_terminal_tasks(&self) -> Result<i64> {
         Ok(self
             .c
-            .prepare_cached("SELECT count(*) FROM tasks WHERE stage IN ('done', 'cancelled')")?
+            .prepare_cached(
+                "SELECT coalesce(sum(n), 0) FROM task_counts WHERE stage IN ('done', 'cancelled')",
+            )?
             .query_row([], |r| r.get(0))?)
     }
 
@@ -738,10 +741,11 @@ impl<'c> Reader<'c> {
         Ok(rows)
     }
 
+    /// Tasks in `stage` (kept by triggers: constant time).
     pub fn count_tasks_in_stage(&self, stage: &str) -> Result<i64> {
         Ok(self
             .c
-            .prepare_cached("SELECT count(*) FROM tasks WHERE stage = ?1")?
+            .prepare_cached("SELECT coalesce((SELECT n FROM task_counts WHERE stage = ?1), 0)")?
             .query_row([stage], |r| r.get(0))?)
     }
 

@@ -12,7 +12,7 @@ use rusqlite::Connection;
 type Migration = fn(&Connection) -> Result<()>;
 
 /// Index `i` brings a database from version `i` to version `i + 1`.
-pub const MIGRATIONS: &[Migration] = &[m1_base, m2_job_counts, m3_live_tasks];
+pub const MIGRATIONS: &[Migration] = &[m1_base, m2_job_counts, m3_live_tasks, m4_task_counts];
 
 /// The schema version this binary writes.
 pub fn current_version() -> i64 {
@@ -241,5 +241,36 @@ fn m3_live_tasks(conn: &Connection) -> Result<()> {
         "CREATE INDEX IF NOT EXISTS tasks_live ON tasks(id) WHERE stage NOT IN ('done', 'cancelled');",
     )
     .context("creating the index of live tasks")?;
+    Ok(())
+}
+
+/// Task counts by stage kept by triggers, like `job_counts`: `queue`'s cancelled count and
+/// `reconcile`'s count of terminal tasks would otherwise read an index entry per finished
+/// task, a cost that grows with every task ever run.
+fn m4_task_counts(conn: &Connection) -> Result<()> {
+    conn.execute_batch(
+        "
+        CREATE TABLE IF NOT EXISTS task_counts (
+            stage TEXT PRIMARY KEY,
+            n INTEGER NOT NULL
+        ) WITHOUT ROWID;
+        DELETE FROM task_counts;
+        INSERT INTO task_counts(stage, n) SELECT stage, count(*) FROM tasks GROUP BY stage;
+        CREATE TRIGGER IF NOT EXISTS task_counts_insert AFTER INSERT ON tasks BEGIN
+            INSERT INTO task_counts(stage, n) VALUES (NEW.stage, 1)
+                ON CONFLICT(stage) DO UPDATE SET n = n + 1;
+        END;
+        CREATE TRIGGER IF NOT EXISTS task_counts_delete AFTER DELETE ON tasks BEGIN
+            UPDATE task_counts SET n = n - 1 WHERE stage = OLD.stage;
+        END;
+        CREATE TRIGGER IF NOT EXISTS task_counts_update AFTER UPDATE OF stage ON tasks
+            WHEN OLD.stage IS NOT NEW.stage BEGIN
+            UPDATE task_counts SET n = n - 1 WHERE stage = OLD.stage;
+            INSERT INTO task_counts(stage, n) VALUES (NEW.stage, 1)
+                ON CONFLICT(stage) DO UPDATE SET n = n + 1;
+        END;
+        ",
+    )
+    .context("creating the task counters")?;
     Ok(())
 }

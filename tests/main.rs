@@ -1,3 +1,5 @@
 mod common;
+mod fault;
 mod lifecycle;
+mod reliability;
 mod stop;

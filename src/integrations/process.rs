@@ -354,7 +354,8 @@ pub struct ChildOutput {
 }
 
 /// Runs `program args` (an argument vector, never a shell) in its own process group with
-/// `stdin` fed to it, killing the whole group when it runs past `limit`.
+/// `stdin` fed to it, killing the whole group when it runs past `limit`. The child gets
+/// SIGKILL if orchctl dies first.
 pub fn run_limited(
     program: &str,
     args: &[OsString],
@@ -377,6 +378,22 @@ pub fn run_limited(
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .process_group(0);
+    // The child dies with orchctl: killed mid-command, orchctl would otherwise leave a
+    // stalled git holding the clone's locks while the retry runs, with nothing left to
+    // bound its time.
+    let parent = nix::unistd::getpid();
+    // SAFETY: prctl and getppid are async-signal-safe and touch no memory of the parent.
+    unsafe {
+        cmd.pre_exec(move || {
+            nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(std::io::Error::from)?;
+            if nix::unistd::getppid() != parent {
+                return Err(std::io::Error::other(
+                    "orchctl exited while starting a child",
+                ));
+            }
+            Ok(())
+        });
+    }
     if let Some(d) = dir {
         cmd.current_dir(d);
     }

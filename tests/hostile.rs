@@ -243,6 +243,36 @@ proptest! {
 }
 
 #[test]
+fn names_git_refuses_are_refused_and_slashes_inside_a_branch_stay_legal() {
+    for bad in [
+        "..", "a..b", "-x", "--force", "@{", "a@{1}", "a\u{1}b", "a\tb", "a\u{7f}", "HEAD",
+        "a.lock", "x/a.lock", ".x", "x/.y", "x/", "/x", "x//y", "a~1", "a^", "a:b", "a?", "a*",
+        "a[b", "a\\b", "a b", "a.", "",
+    ] {
+        assert!(!git_accepts_branch(bad), "git accepts {bad:?}");
+        let e = names::validate_branch(bad).unwrap_err();
+        assert_eq!(exit_kind(&e), ExitKind::DataErr, "{bad:?}");
+    }
+    for good in [
+        "feature/ORCH-1-x",
+        "feature/a/b/c",
+        "fix/über",
+        "$(x)",
+        "a;b",
+        "a`b`",
+        "x'y\"z",
+    ] {
+        assert!(git_accepts_branch(good), "git refuses {good:?}");
+        assert!(names::validate_branch(good).is_ok(), "{good:?}");
+    }
+    for bad in [
+        "", ".", "..", "a/b", "../x", "x/..", "a b", "a;b", "$(id)", "a\nb", "é",
+    ] {
+        assert!(names::validate_repo(bad).is_err(), "{bad:?}");
+    }
+}
+
+#[test]
 fn huge_durations_are_configuration_errors_at_the_command_line() {
     let mut env = Env::new();
     env.json(&[

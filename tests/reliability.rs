@@ -220,7 +220,12 @@ fn killed_while_git_hangs_on_the_worktree_a_second_stop_finishes_once() {
     let dead = w.kill_stop_during("remove_worktree", || {
         git.calls().iter().any(|c| c.contains("worktree remove"))
     });
-    // The stalled git outlives orchctl (it has its own process group): end it.
+    // The stalled git dies with orchctl: it cannot go on to race the retry.
+    assert!(
+        wait_until(Duration::from_secs(5), || pids_with("worktree remove")
+            .is_empty()),
+        "git outlived the orchctl that started it"
+    );
     for pid in pids_with("worktree remove") {
         let _ = nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(pid),
@@ -339,13 +344,15 @@ fn killed_while_the_notify_hook_hangs_the_rerun_carries_the_same_notification_id
     w.env.set("ORCH_NOTIFY_CMD", hook.to_str().unwrap());
 
     let dead = w.kill_stop_during("notify", || hook_pid.exists());
-    // The hook runs in its own process group and outlives orchctl: end it.
+    // The hook dies with the orchctl that started it.
     let pid: i64 = std::fs::read_to_string(&hook_pid)
         .unwrap()
         .trim()
         .parse()
         .unwrap();
+    let died = wait_until(Duration::from_secs(5), || !alive(pid as i32));
     drop(GroupGuard(pid));
+    assert!(died, "the notify hook outlived orchctl");
 
     w.assert_consistent_after_kill("notify", dead);
     delete.assert_hits(1);

@@ -259,3 +259,35 @@ fn no_token_reaches_any_output_log_child_environment_or_database_row() {
         &String::from_utf8_lossy(&std::fs::read(&env.db).unwrap()),
     );
 }
+
+#[test]
+fn credentials_inside_a_configured_url_stay_out_of_error_texts() {
+    let mut env = Env::new();
+    let port = crate::fault::closed_port();
+    env.set(
+        "ORCH_GITEA_URL",
+        &format!("http://bot:url-SECRET-1234@127.0.0.1:{port}"),
+    )
+    .set("ORCH_GITEA_OWNER", "acme");
+    env.json(&[
+        "task",
+        "add",
+        "--repo",
+        "orchestrator",
+        "--work-item",
+        "ORCH-1",
+    ]);
+    let (code, out, err) = env.run(&["stop", "ORCH-1"]);
+    assert_eq!(code, 0, "{err}");
+    let rows = outbox(&env);
+    let e = row(&rows, "delete_remote_branch");
+    assert_eq!(e.status, "pending");
+    let error = e.last_error.clone().unwrap();
+    assert!(
+        error.contains(&format!("http://127.0.0.1:{port}/api/v1/")),
+        "{error}"
+    );
+    for text in [out, err, error, dump(&env.db)] {
+        assert!(!text.contains("url-SECRET-1234"), "{text}");
+    }
+}

@@ -574,8 +574,11 @@ impl<'c> Reader<'c> {
 
     /// Side effects not done (pending or failed), newest first.
     pub fn open_effects(&self, limit: i64) -> Result<Vec<OutboxRow>> {
+        // `status <> 'done'` repeats the partial index's condition so the planner may use
+        // it: otherwise this scans every side effect ever run.
         let mut stmt = self.c.prepare_cached(&format!(
-            "SELECT {OUTBOX_COLS} FROM outbox WHERE status IN ('pending', 'failed')
+            "SELECT {OUTBOX_COLS} FROM outbox
+             WHERE status IN ('pending', 'failed') AND status <> 'done'
              ORDER BY id DESC LIMIT ?1"
         ))?;
         let rows = stmt
@@ -584,10 +587,12 @@ impl<'c> Reader<'c> {
         Ok(rows)
     }
 
+    /// How many side effects are `pending` or `failed` (never counts `done`).
     pub fn count_effects(&self, status: &str) -> Result<i64> {
         Ok(self
             .c
-            .prepare_cached("SELECT count(*) FROM outbox WHERE status = ?1")?
+            // See open_effects: a bound status alone cannot use the partial index.
+            .prepare_cached("SELECT count(*) FROM outbox WHERE status = ?1 AND status <> 'done'")?
             .query_row([status], |r| r.get(0))?)
     }
 
@@ -613,13 +618,24 @@ impl<'c> Reader<'c> {
         Ok(rows)
     }
 
+    /// Whether any task dependency was ever recorded.
+    pub fn has_deps(&self) -> Result<bool> {
+        Ok(self
+            .c
+            .prepare_cached("SELECT EXISTS(SELECT 1 FROM task_deps)")?
+            .query_row([], |r| r.get(0))?)
+    }
+
     /// Live tasks whose dependencies are not all done.
     pub fn blocked_tasks(&self, limit: i64) -> Result<Vec<(i64, Vec<i64>)>> {
+        // Starting from the live stages (by index) bounds the work by the tasks in flight,
+        // not by every dependency ever recorded.
         let mut stmt = self.c.prepare_cached(
-            "SELECT d.task_id, group_concat(d.depends_on) FROM task_deps d
-             JOIN tasks t ON t.id = d.task_id
+            "SELECT d.task_id, group_concat(d.depends_on) FROM tasks t
+             JOIN task_deps d ON d.task_id = t.id
              LEFT JOIN tasks dt ON dt.id = d.depends_on
-             WHERE t.stage NOT IN ('done', 'cancelled') AND dt.stage IS NOT 'done'
+             WHERE t.stage IN ('analysis', 'development', 'review', 'deploy')
+               AND dt.stage IS NOT 'done'
              GROUP BY d.task_id ORDER BY d.task_id LIMIT ?1",
         )?;
         let rows = stmt

@@ -1,3 +1,4 @@
 mod common;
 mod stop;
 mod queue;
+mod cli;

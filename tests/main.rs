@@ -2,3 +2,4 @@ mod common;
 mod stop;
 mod queue;
 mod cli;
+mod docs;

@@ -319,6 +319,22 @@ impl<'c> Reader<'c> {
             .with_context(|| format!("looking up task {reference:?}"))
     }
 
+    /// The task mirroring Plane issue `issue_id` (by `plane_id`, else `plane_issue_id`).
+    /// Unlike [`Reader::find_task`] a number is never read as a task id: a payload cannot
+    /// name an arbitrary task. Tombstoned keys no longer match.
+    pub fn find_task_by_plane_issue(&self, issue_id: &str) -> Result<Option<Task>> {
+        self.c
+            .prepare_cached(&format!(
+                "SELECT {TASK_COLS} FROM tasks WHERE id = (
+                     SELECT id FROM tasks WHERE plane_id = ?1
+                     UNION ALL SELECT id FROM tasks WHERE plane_issue_id = ?1
+                     LIMIT 1)"
+            ))?
+            .query_row([issue_id], task_row)
+            .optional()
+            .with_context(|| format!("looking up the task of Plane issue {issue_id:?}"))
+    }
+
     /// The id of a cancelled task whose tombstoned key was `reference` (for a hint: the
     /// key itself no longer resolves).
     pub fn find_tombstoned(&self, reference: &str) -> Result<Option<i64>> {

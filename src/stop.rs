@@ -102,7 +102,7 @@ pub fn in_critical_window(r: &Reader, task: &Task) -> Result<bool> {
 /// What the transaction decided.
 enum Decision {
     NoTask,
-    Terminal(Task),
+    Terminal(Box<Task>),
     Deferred { first: bool, jobs_cancelled: usize },
     Reset { jobs_cancelled: usize },
 }
@@ -135,7 +135,7 @@ pub fn cancel_task(ctx: &Ctx, task_id: i64, opts: &StopOptions) -> Result<StopRe
             return Ok(Decision::NoTask);
         };
         if task.is_terminal() {
-            return Ok(Decision::Terminal(task));
+            return Ok(Decision::Terminal(Box::new(task)));
         }
         if !opts.force && in_critical_window(w, &task)? {
             return defer_tx(w, &ctx.config, &task, opts);

@@ -348,9 +348,15 @@ pub fn handle(ctx: &Ctx, body: &[u8], d: &Delivery) -> Result<EventResult> {
             .filter(|s| !s.is_empty())
             .map(String::from)
     };
-    let event = match header(&d.event) {
-        Some(e) => e,
-        None => req_str(&payload, "event")?.to_string(),
+    // The body is signed and the header is not: the body's word wins, and a header that
+    // contradicts it is refused rather than trusted.
+    let event = match (header(&d.event), opt_str(&payload, "event")?) {
+        (Some(h), Some(b)) if h != b => return Err(bad_input(format!(
+            "malformed Plane delivery: X-Plane-Event {h:?} contradicts `event` {b:?} in the body"
+        ))),
+        (_, Some(b)) => b.to_string(),
+        (Some(h), None) => h,
+        (None, None) => return Err(missing("event")),
     };
     let intake = read_intake(&payload, &event)?;
 
@@ -1004,15 +1010,19 @@ pub fn plane_pass(ctx: &Ctx) -> Result<PlanePass> {
                     )),
                 },
             };
-            let reason = match verdict {
+            let (reason, gone) = match verdict {
                 Ok(Verdict::Other) => continue,
-                Ok(Verdict::Stop) => format!(
-                    "Plane state is {} (found by reconcile)",
-                    ctx.config.states.stop
+                Ok(Verdict::Stop) => (
+                    format!(
+                        "Plane state is {} (found by reconcile)",
+                        ctx.config.states.stop
+                    ),
+                    false,
                 ),
-                Ok(Verdict::Gone) => {
-                    format!("the Plane issue {issue_id} no longer exists (deleted in Plane)")
-                }
+                Ok(Verdict::Gone) => (
+                    format!("the Plane issue {issue_id} no longer exists (deleted in Plane)"),
+                    true,
+                ),
                 Err(e) => {
                     pass.errors.push(TaskError {
                         task_id: Some(task.id),
@@ -1021,7 +1031,6 @@ pub fn plane_pass(ctx: &Ctx) -> Result<PlanePass> {
                     continue;
                 }
             };
-            let gone = reason.contains("no longer exists");
             let opts = StopOptions {
                 reason: Some(reason),
                 force: false,

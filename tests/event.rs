@@ -772,6 +772,18 @@ fn malformed_deliveries_exit_65_naming_the_path_and_write_nothing() {
         );
         assert_eq!(snapshot(&env), before, "{want}: something was written");
     }
+    // The header is not signed: it may not contradict the body.
+    let (code, _, err) = deliver(
+        &env,
+        &bytes(&to_state(ISSUE, STOP)),
+        &["--event", "issue_comment"],
+    );
+    assert_eq!(code, 65, "{err}");
+    assert!(
+        err.contains("X-Plane-Event \"issue_comment\" contradicts `event`"),
+        "{err}"
+    );
+    assert_eq!(snapshot(&env), before);
     // A body over 1 MiB is refused, not truncated.
     let mut big = to_state(ISSUE, STOP);
     big["data"]["description_html"] = json!("x".repeat(1 << 20));

@@ -351,9 +351,10 @@ pub fn handle(ctx: &Ctx, body: &[u8], d: &Delivery) -> Result<EventResult> {
     // The body is signed and the header is not: the body's word wins, and a header that
     // contradicts it is refused rather than trusted.
     let event = match (header(&d.event), opt_str(&payload, "event")?) {
-        (Some(h), Some(b)) if h != b => return Err(bad_input(format!(
-            "malformed Plane delivery: X-Plane-Event {h:?} contradicts `event` {b:?} in the body"
-        ))),
+        (Some(h), Some(b)) if h != b => {
+            let why = format!("X-Plane-Event {h:?} contradicts `event` {b:?} in the body");
+            return Err(bad_input(format!("malformed Plane delivery: {why}")));
+        }
         (_, Some(b)) => b.to_string(),
         (Some(h), None) => h,
         (None, None) => return Err(missing("event")),

@@ -129,7 +129,12 @@ pub struct TaskAddArgs {
     #[arg(long, default_value = "analysis", env = "ORCH_TASK_STAGE")]
     pub stage: String,
     /// A task whose completion this one waits for (repeatable)
-    #[arg(long = "depends-on", value_name = "TASK", env = "ORCH_TASK_DEPENDS_ON", value_delimiter = ',')]
+    #[arg(
+        long = "depends-on",
+        value_name = "TASK",
+        env = "ORCH_TASK_DEPENDS_ON",
+        value_delimiter = ','
+    )]
     pub depends_on: Vec<String>,
 }
 
@@ -162,7 +167,12 @@ pub struct StopArgs {
 #[derive(Debug, Args)]
 pub struct ClaimArgs {
     /// Only jobs of this agent (repeatable)
-    #[arg(long = "agent", value_name = "A", env = "ORCH_CLAIM_AGENTS", value_delimiter = ',')]
+    #[arg(
+        long = "agent",
+        value_name = "A",
+        env = "ORCH_CLAIM_AGENTS",
+        value_delimiter = ','
+    )]
     pub agents: Vec<String>,
     /// Only jobs of this repo
     #[arg(long, value_name = "R", env = "ORCH_CLAIM_REPO")]
@@ -191,7 +201,12 @@ pub struct CompleteArgs {
     #[arg(long)]
     pub failure: bool,
     /// What went wrong (with --failure)
-    #[arg(long, value_name = "TEXT", requires = "failure", env = "ORCH_COMPLETE_ERROR")]
+    #[arg(
+        long,
+        value_name = "TEXT",
+        requires = "failure",
+        env = "ORCH_COMPLETE_ERROR"
+    )]
     pub error: Option<String>,
 }
 
@@ -224,7 +239,12 @@ pub struct FinalizeArgs {
 #[derive(Debug, Args)]
 pub struct QueueArgs {
     /// How many recent jobs and cancelled tasks to list
-    #[arg(long, value_name = "N", default_value_t = 10, env = "ORCH_QUEUE_RECENT")]
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 10,
+        env = "ORCH_QUEUE_RECENT"
+    )]
     pub recent: i64,
 }
 

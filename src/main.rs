@@ -68,7 +68,10 @@ fn emit(output: Output, format: Format) -> ExitCode {
         },
     };
     let mut stdout = std::io::stdout().lock();
-    match stdout.write_all(text.as_bytes()).and_then(|_| stdout.flush()) {
+    match stdout
+        .write_all(text.as_bytes())
+        .and_then(|_| stdout.flush())
+    {
         Ok(()) => ExitCode::SUCCESS,
         // A closed pipe (`orchctl queue | head`) is not an error.
         Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
@@ -106,7 +109,12 @@ fn run(cli: Cli) -> Result<Option<Output>> {
         )?)?,
         Command::Task(TaskCommand::Show(t)) => out(&tasks::show(&ctx, &t.task)?)?,
         Command::Task(TaskCommand::List(l)) => {
-            let mut o = out(&tasks::list(&ctx, l.stage.as_deref(), l.repo.as_deref(), l.limit)?)?;
+            let mut o = out(&tasks::list(
+                &ctx,
+                l.stage.as_deref(),
+                l.repo.as_deref(),
+                l.limit,
+            )?)?;
             o.text = Some(render::task_list);
             o
         }
@@ -116,7 +124,11 @@ fn run(cli: Cli) -> Result<Option<Output>> {
             o
         }
         Command::Stop(s) => {
-            let r = stop::stop(&ctx, &s.task, &stop::StopOptions::operator(s.reason, s.force))?;
+            let r = stop::stop(
+                &ctx,
+                &s.task,
+                &stop::StopOptions::operator(s.reason, s.force),
+            )?;
             let mut o = out(&r)?;
             o.warning = r.warning.clone();
             o
@@ -182,7 +194,10 @@ fn read_body() -> Result<Vec<u8>> {
     use std::io::Read;
     const LIMIT: u64 = 1 << 20;
     let mut body = Vec::new();
-    std::io::stdin().lock().take(LIMIT + 1).read_to_end(&mut body)?;
+    std::io::stdin()
+        .lock()
+        .take(LIMIT + 1)
+        .read_to_end(&mut body)?;
     if body.len() as u64 > LIMIT {
         return Err(error::bad_input("the delivery body is larger than 1 MiB"));
     }

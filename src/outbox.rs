@@ -266,8 +266,11 @@ fn log_end(
 
 /// The longest an effect may take before its claim may be taken over by another process.
 fn lease_secs(c: &Config) -> i64 {
-    (c.stop_grace.as_secs_f64() + 5.0 + 4.0 * c.git_timeout.as_secs_f64() + 3.0 * c.http_timeout.as_secs_f64())
-        .ceil() as i64
+    (c.stop_grace.as_secs_f64()
+        + 5.0
+        + 4.0 * c.git_timeout.as_secs_f64()
+        + 3.0 * c.http_timeout.as_secs_f64())
+    .ceil() as i64
         + 30
 }
 
@@ -305,7 +308,9 @@ pub fn protected_reason(c: &Config, repo: &str, branch: &str) -> Option<String> 
         .iter()
         .find(|p| names::glob_match(p, branch))
     {
-        return Some(format!("{branch} matches ORCH_PROTECTED_BRANCHES pattern {p:?}"));
+        return Some(format!(
+            "{branch} matches ORCH_PROTECTED_BRANCHES pattern {p:?}"
+        ));
     }
     let clone = clone_dir(c, repo);
     if clone.is_dir() {
@@ -325,13 +330,12 @@ fn execute(c: &Config, row: &OutboxRow, effect: &Effect) -> Executed {
         Effect::StopProcess {
             pid, proc_start, ..
         } => {
-            let outcome = process::stop_agent(*pid, *proc_start, c.stop_grace).map_err(|f| {
-                EffectError {
+            let outcome =
+                process::stop_agent(*pid, *proc_start, c.stop_grace).map_err(|f| EffectError {
                     permanent: f.permanent,
                     message: f.message,
                     retry_after_secs: None,
-                }
-            })?;
+                })?;
             let result = match &outcome {
                 process::StopOutcome::Stopped {
                     signal,
@@ -357,7 +361,10 @@ fn execute(c: &Config, row: &OutboxRow, effect: &Effect) -> Executed {
             check_names(repo, branch)?;
             let clone = clone_dir(c, repo);
             if !clone.is_dir() {
-                return Ok((format!("no clone at {}: nothing to remove", clone.display()), None));
+                return Ok((
+                    format!("no clone at {}: nothing to remove", clone.display()),
+                    None,
+                ));
             }
             if let Some(why) = protected_reason(c, repo, branch) {
                 return Err(EffectError::permanent(format!("refused: {why}")));
@@ -429,7 +436,11 @@ fn execute(c: &Config, row: &OutboxRow, effect: &Effect) -> Executed {
             let Some(argv) = &c.notify_cmd else {
                 return Ok(("skipped: ORCH_NOTIFY_CMD not set".into(), None));
             };
-            notify::run(argv, event, c.http_timeout.max(std::time::Duration::from_secs(10)))?;
+            notify::run(
+                argv,
+                event,
+                c.http_timeout.max(std::time::Duration::from_secs(10)),
+            )?;
             Ok(("notify command ran".into(), None))
         }
     }

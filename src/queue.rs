@@ -41,8 +41,10 @@ pub fn snapshot(ctx: &Ctx, recent: i64) -> Value {
     ctx.store
         .read(|r: &Reader| {
             block(&mut out, "counts", json!({}), || {
-                let mut m: Map<String, Value> =
-                    JOB_STATUSES.iter().map(|s| (s.to_string(), json!(0))).collect();
+                let mut m: Map<String, Value> = JOB_STATUSES
+                    .iter()
+                    .map(|s| (s.to_string(), json!(0)))
+                    .collect();
                 for (status, n) in r.job_counts()? {
                     m.insert(status, json!(n));
                 }

@@ -12,16 +12,13 @@ fn scalar(v: &Value) -> Option<String> {
         Value::Bool(b) => Some(b.to_string()),
         Value::Number(n) => Some(n.to_string()),
         Value::String(s) => Some(s.replace('\n', " ")),
-        Value::Array(a) if a.iter().all(|x| !x.is_object() && !x.is_array()) => Some(
-            if a.is_empty() {
+        Value::Array(a) if a.iter().all(|x| !x.is_object() && !x.is_array()) => {
+            Some(if a.is_empty() {
                 "-".into()
             } else {
-                a.iter()
-                    .filter_map(scalar)
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            },
-        ),
+                a.iter().filter_map(scalar).collect::<Vec<_>>().join(", ")
+            })
+        }
         _ => None,
     }
 }
@@ -131,7 +128,14 @@ pub fn task_list(v: &Value) -> String {
         return "no tasks\n".into();
     }
     table(
-        &["id", "work_item_id", "stage", "repo", "branch", "updated_at"],
+        &[
+            "id",
+            "work_item_id",
+            "stage",
+            "repo",
+            "branch",
+            "updated_at",
+        ],
         &rows,
     )
 }
@@ -156,7 +160,9 @@ pub fn task_log(v: &Value) -> String {
                     let detail = match &e["detail"] {
                         Value::Object(m) => m
                             .iter()
-                            .map(|(k, v)| format!("{k}={}", scalar(v).unwrap_or_else(|| v.to_string())))
+                            .map(|(k, v)| {
+                                format!("{k}={}", scalar(v).unwrap_or_else(|| v.to_string()))
+                            })
                             .collect::<Vec<_>>()
                             .join(" "),
                         other => scalar(other).unwrap_or_default(),
@@ -177,13 +183,22 @@ mod tests {
 
     #[test]
     fn tables_align() {
-        let t = table(&["id", "name"], &[json!({"id": 1, "name": "a"}), json!({"id": 100, "name": null})]);
+        let t = table(
+            &["id", "name"],
+            &[
+                json!({"id": 1, "name": "a"}),
+                json!({"id": 100, "name": null}),
+            ],
+        );
         assert_eq!(t, "ID   NAME\n1    a\n100  -\n");
     }
 
     #[test]
     fn objects_print_as_key_value_lines() {
         let s = generic(&json!({"ok": true, "note": "cancelled", "task": {"id": 3}}));
-        assert!(s.contains("ok    true") && s.contains("task:\n  id  3"), "{s}");
+        assert!(
+            s.contains("ok    true") && s.contains("task:\n  id  3"),
+            "{s}"
+        );
     }
 }

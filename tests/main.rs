@@ -1,3 +1,4 @@
 mod common;
 mod event;
+mod lifecycle;
 mod stop;

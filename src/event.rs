@@ -383,23 +383,25 @@ pub fn handle(ctx: &Ctx, body: &[u8], d: &Delivery) -> Result<EventResult> {
         return Ok(out);
     }
     if is_echo(&ctx.config, &payload) {
-        return record_only(ctx, &meta, out, "echo", None);
+        return record_only(ctx, &meta, out, "ignored", "echo", None);
     }
     let change = match intake {
-        Intake::Ignore(note) => return record_only(ctx, &meta, out, &note, None),
+        Intake::Ignore(note) => return record_only(ctx, &meta, out, "ignored", &note, None),
         Intake::State(change) => change,
     };
     let Some(name) = state_name(ctx, &change)? else {
         let note = format!("state-unknown:{}", change.state_id);
-        return record_only(ctx, &meta, out, &note, None);
+        return record_only(ctx, &meta, out, "ignored", &note, None);
     };
     out.state = Some(name.clone());
     match Route::of(&ctx.config, &name) {
         Some(Route::ToAnalyse) => to_analyse(ctx, &meta, out, &payload, &change),
-        _ if change.created => record_only(ctx, &meta, out, "created-not-to-analyse", None),
+        _ if change.created => {
+            record_only(ctx, &meta, out, "ignored", "created-not-to-analyse", None)
+        }
         Some(Route::Stop) => route_stop(ctx, &meta, out, &change),
         Some(route) => transition(ctx, &meta, out, &change, route),
-        None => record_only(ctx, &meta, out, "state-not-routed", None),
+        None => record_only(ctx, &meta, out, "ignored", "state-not-routed", None),
     }
 }
 
@@ -421,6 +423,16 @@ struct Outcome {
 }
 
 impl Outcome {
+    fn queued(note: &str, task_id: i64, job_id: Option<i64>) -> Outcome {
+        Outcome {
+            action: "job_queued",
+            note: note.into(),
+            task_id: Some(task_id),
+            job_id,
+            effects: false,
+        }
+    }
+
     fn ignored(note: impl Into<String>, task_id: Option<i64>) -> Outcome {
         Outcome {
             action: "ignored",
@@ -432,25 +444,31 @@ impl Outcome {
     }
 }
 
-/// Records an ignored delivery so its retries are recognised.
+impl Meta {
+    /// Remembers the body as handled; false when it already was (a concurrent copy).
+    fn record(&self, w: &Writer, action: &str, task_id: Option<i64>) -> Result<bool> {
+        w.record_delivery(
+            &self.sha,
+            self.delivery.as_deref(),
+            Some(&self.event),
+            action,
+            task_id,
+        )
+    }
+}
+
+/// Records a delivery that changes nothing (so its retries are recognised) as `action`.
 fn record_only(
     ctx: &Ctx,
     meta: &Meta,
     mut out: EventResult,
+    action: &str,
     note: &str,
     task: Option<Task>,
 ) -> Result<EventResult> {
     let task_id = task.as_ref().map(|t| t.id);
-    let fresh = ctx.store.write(|w| {
-        w.record_delivery(
-            &meta.sha,
-            meta.delivery.as_deref(),
-            Some(&meta.event),
-            "ignored",
-            task_id,
-        )
-    })?;
-    out.action = if fresh { "ignored" } else { "duplicate" }.into();
+    let fresh = ctx.store.write(|w| meta.record(w, action, task_id))?;
+    out.action = if fresh { action } else { "duplicate" }.into();
     out.note = Some(note.to_string());
     out.task = task;
     Ok(out)
@@ -469,13 +487,7 @@ fn apply(
             return Ok(None);
         }
         let o = decide(w)?;
-        w.record_delivery(
-            &meta.sha,
-            meta.delivery.as_deref(),
-            Some(&meta.event),
-            o.action,
-            o.task_id,
-        )?;
+        meta.record(w, o.action, o.task_id)?;
         Ok(Some(o))
     })?;
     let Some(o) = outcome else {
@@ -577,28 +589,17 @@ fn route_stop(
     change: &StateChange,
 ) -> Result<EventResult> {
     if !ctx.config.stop_enabled {
-        return record_only(ctx, meta, out, "stop-disabled", None);
+        return record_only(ctx, meta, out, "ignored", "stop-disabled", None);
     }
     let Some(task) = ctx
         .store
         .read(|r| r.find_task_by_plane_issue(&change.issue_id))?
     else {
         // Unknown task: a no-op, never an error.
-        let fresh = ctx.store.write(|w| {
-            w.record_delivery(
-                &meta.sha,
-                meta.delivery.as_deref(),
-                Some(&meta.event),
-                "stop",
-                None,
-            )
-        })?;
-        out.action = if fresh { "stop" } else { "duplicate" }.into();
-        out.note = Some("no-task".into());
-        return Ok(out);
+        return record_only(ctx, meta, out, "stop", "no-task", None);
     };
     if !ctx.config.stop_applies(&task.repo) {
-        return record_only(ctx, meta, out, "stop-disabled", Some(task));
+        return record_only(ctx, meta, out, "ignored", "stop-disabled", Some(task));
     }
     let opts = StopOptions {
         reason: None,
@@ -608,15 +609,7 @@ fn route_stop(
     let result = stop::cancel_task(ctx, task.id, &opts)?;
     // Recorded after the stop: a crash in between lets Plane's retry (or reconcile) finish
     // it, and a repeated stop is harmless.
-    ctx.store.write(|w| {
-        w.record_delivery(
-            &meta.sha,
-            meta.delivery.as_deref(),
-            Some(&meta.event),
-            "stop",
-            Some(task.id),
-        )
-    })?;
+    ctx.store.write(|w| meta.record(w, "stop", Some(task.id)))?;
     out.action = "stop".into();
     out.note = Some(result.note.clone());
     out.task = result.task.clone();
@@ -777,13 +770,7 @@ fn to_analyse_existing(
             "analyst",
             json!({ "state": state, "why": "analysis resumed" }),
         )?;
-        return Ok(Outcome {
-            action: "job_queued",
-            note: "analyst-relaunched".into(),
-            task_id: Some(task.id),
-            job_id: Some(job),
-            effects: false,
-        });
+        return Ok(Outcome::queued("analyst-relaunched", task.id, Some(job)));
     }
     let Some(agent) = pipeline::agent_for_stage(&task.stage) else {
         return Ok(Outcome::ignored(
@@ -799,13 +786,7 @@ fn to_analyse_existing(
             agent,
             json!({ "state": state, "why": "legacy relaunch (kill switch off)" }),
         )?;
-        return Ok(Outcome {
-            action: "job_queued",
-            note: "legacy-relaunch".into(),
-            task_id: Some(task.id),
-            job_id: Some(job),
-            effects: false,
-        });
+        return Ok(Outcome::queued("legacy-relaunch", task.id, Some(job)));
     }
     // The relaunch hole: a second agent on a branch already past analysis.
     let message = format!(
@@ -906,13 +887,7 @@ fn move_stage(
         Some(agent) => Some(queue_job(w, task, agent, json!({ "state": state }))?),
         None => None,
     };
-    Ok(Outcome {
-        action: "job_queued",
-        note: route.word().into(),
-        task_id: Some(task.id),
-        job_id: job,
-        effects: false,
-    })
+    Ok(Outcome::queued(route.word(), task.id, job))
 }
 
 /// A new job of `agent` unless one is already queued or running.
@@ -927,13 +902,7 @@ fn queue_if_idle(
         return Ok(Outcome::ignored("job-active", Some(task.id)));
     }
     let job = queue_job(w, task, agent, json!({ "state": state }))?;
-    Ok(Outcome {
-        action: "job_queued",
-        note: route.word().into(),
-        task_id: Some(task.id),
-        job_id: Some(job),
-        effects: false,
-    })
+    Ok(Outcome::queued(route.word(), task.id, Some(job)))
 }
 
 // ---------------------------------------------------------------------------- reconcile

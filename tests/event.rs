@@ -1177,6 +1177,20 @@ fn scripts() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts")
 }
 
+/// `program` with exactly this test's environment (the one orchctl gets), plus the shims'
+/// `ORCHCTL`.
+fn command_in(env: &Env, program: impl AsRef<std::ffi::OsStr>) -> Command {
+    let mut cmd = Command::new(program);
+    cmd.env_clear();
+    for (k, v) in env.cmd().get_envs() {
+        if let Some(v) = v {
+            cmd.env(k, v);
+        }
+    }
+    cmd.env("ORCHCTL", BIN);
+    cmd
+}
+
 /// The real `webhook` server, killed (and reaped) when dropped, even if the test fails.
 struct WebhookServer {
     child: Child,
@@ -1208,15 +1222,8 @@ impl WebhookServer {
                 .unwrap()
                 .port();
             let log = env.path().join(format!("webhook-{port}.log"));
-            let mut cmd = Command::new("webhook");
-            cmd.env_clear();
-            for (k, v) in env.cmd().get_envs() {
-                if let Some(v) = v {
-                    cmd.env(k, v);
-                }
-            }
-            cmd.env("ORCHCTL", BIN)
-                .env("TMPDIR", env.path())
+            let mut cmd = command_in(env, "webhook");
+            cmd.env("TMPDIR", env.path())
                 .args([
                     "-hooks",
                     hooks.to_str().unwrap(),
@@ -1369,15 +1376,7 @@ fn the_cgi_shim_maps_headers_and_exit_codes() {
     let task = env.make_task(ISSUE, "ORCH-42", "development", None);
     let body = fixture("issue_update_state_change.wire.json");
     let cgi = |sig: &str| -> String {
-        let mut cmd = Command::new(scripts().join("plane-event.cgi"));
-        cmd.env_clear();
-        for (k, v) in env.cmd().get_envs() {
-            if let Some(v) = v {
-                cmd.env(k, v);
-            }
-        }
-        let mut child = cmd
-            .env("ORCHCTL", BIN)
+        let mut child = command_in(&env, scripts().join("plane-event.cgi"))
             .env("REQUEST_METHOD", "POST")
             .env("CONTENT_LENGTH", body.len().to_string())
             .env("HTTP_X_PLANE_EVENT", "issue")

@@ -57,7 +57,11 @@ pub fn claim(ctx: &Ctx, req: &ClaimRequest) -> Result<Option<Claimed>> {
         names::validate_repo(r)?;
     }
     for a in &req.agents {
-        if a.is_empty() || !a.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-') {
+        if a.is_empty()
+            || !a
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+        {
             return Err(bad_input(format!("invalid agent name {a:?}")));
         }
     }
@@ -108,7 +112,9 @@ pub fn claim(ctx: &Ctx, req: &ClaimRequest) -> Result<Option<Claimed>> {
     Ok(Some(c))
 }
 
-fn launch(ctx: &Ctx, c: &mut Claimed, argv: &[String]) -> Result<()> {
+/// Launches the agent of claimed run `c` and records it; kills it at once when the job was
+/// cancelled since the claim.
+pub fn launch(ctx: &Ctx, c: &mut Claimed, argv: &[String]) -> Result<()> {
     let log = ctx
         .config
         .log_dir
@@ -126,9 +132,15 @@ fn launch(ctx: &Ctx, c: &mut Claimed, argv: &[String]) -> Result<()> {
             c.work_item_id.clone().unwrap_or_default(),
         ),
         ("ORCH_REPO".to_string(), c.repo.clone()),
-        ("ORCH_BRANCH".to_string(), c.branch.clone().unwrap_or_default()),
+        (
+            "ORCH_BRANCH".to_string(),
+            c.branch.clone().unwrap_or_default(),
+        ),
         ("ORCH_AGENT".to_string(), c.agent.clone()),
-        ("ORCH_DB_PATH".to_string(), db.to_string_lossy().into_owned()),
+        (
+            "ORCH_DB_PATH".to_string(),
+            db.to_string_lossy().into_owned(),
+        ),
     ];
     let launched = process::spawn_detached(argv, &env, &log);
     let (pid, start) = match launched {
@@ -143,7 +155,11 @@ fn launch(ctx: &Ctx, c: &mut Claimed, argv: &[String]) -> Result<()> {
                     w.finish_run(c.id, c.run_id, "failed", Some(&msg))?
                 };
                 if done {
-                    w.event(c.task_id, "job_launch_failed", &json!({ "job_id": c.id, "run_id": c.run_id, "error": msg }))?;
+                    w.event(
+                        c.task_id,
+                        "job_launch_failed",
+                        &json!({ "job_id": c.id, "run_id": c.run_id, "error": msg }),
+                    )?;
                 }
                 Ok(())
             })?;

@@ -236,17 +236,16 @@ impl Config {
             }),
             None => None,
         };
-        let notify_cmd = match nonempty("ORCH_NOTIFY_CMD") {
-            Some(cmd) => match shlex::split(&cmd) {
-                Some(argv) if !argv.is_empty() => Some(argv),
-                _ => {
-                    return Err(config_err(
+        let notify_cmd =
+            match nonempty("ORCH_NOTIFY_CMD") {
+                Some(cmd) => match shlex::split(&cmd) {
+                    Some(argv) if !argv.is_empty() => Some(argv),
+                    _ => return Err(config_err(
                         "ORCH_NOTIFY_CMD does not split into a command line (unbalanced quotes?)",
-                    ))
-                }
-            },
-            None => None,
-        };
+                    )),
+                },
+                None => None,
+            };
         let state_name = |k: &str, default: &str| nonempty(k).unwrap_or_else(|| default.into());
 
         Ok(Config {
@@ -291,7 +290,8 @@ impl Config {
 
     /// Whether Plane's STOP state may stop a task of `repo` (kill switch and scope, SPEC §3).
     pub fn stop_applies(&self, repo: &str) -> bool {
-        self.stop_enabled && (self.stop_repos.is_empty() || self.stop_repos.iter().any(|r| r == repo))
+        self.stop_enabled
+            && (self.stop_repos.is_empty() || self.stop_repos.iter().any(|r| r == repo))
     }
 
     /// The repo a new task of a Plane project goes to (`ORCH_REPO_MAP`, else `ORCH_DEFAULT_REPO`).
@@ -351,16 +351,32 @@ mod tests {
         assert_eq!(c.busy_timeout_ms, 5000);
         assert_eq!(c.claim_timeout_secs, 3600);
         assert_eq!(c.states.confirm_deploy, "Confirm Deploy");
-        assert_eq!(c.repos_dir, PathBuf::from("/home/op/.local/state/orchctl/repos"));
+        assert_eq!(
+            c.repos_dir,
+            PathBuf::from("/home/op/.local/state/orchctl/repos")
+        );
     }
 
     #[test]
     fn booleans_accept_the_three_spellings() {
-        for (v, want) in [("1", true), ("0", false), ("true", true), ("off", false), ("ON", true)] {
-            assert_eq!(cfg(&[("ORCH_STOP_ENABLED", v)]).unwrap().stop_enabled, want, "{v}");
+        for (v, want) in [
+            ("1", true),
+            ("0", false),
+            ("true", true),
+            ("off", false),
+            ("ON", true),
+        ] {
+            assert_eq!(
+                cfg(&[("ORCH_STOP_ENABLED", v)]).unwrap().stop_enabled,
+                want,
+                "{v}"
+            );
         }
         let err = cfg(&[("ORCH_STOP_ENABLED", "maybe")]).unwrap_err();
-        assert_eq!(crate::error::exit_kind(&err), crate::error::ExitKind::Config);
+        assert_eq!(
+            crate::error::exit_kind(&err),
+            crate::error::ExitKind::Config
+        );
     }
 
     #[test]

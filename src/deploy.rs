@@ -14,7 +14,7 @@ use serde_json::json;
 use crate::error::{temp_fail, Coded, ExitKind};
 use crate::model::{Job, Lease, Task};
 use crate::outbox::{self, EffectReport};
-use crate::stop::{self, Source, StopOptions};
+use crate::stop::{self, StopOptions};
 use crate::store::{LeaseOutcome, Writer};
 use crate::{tasks, Ctx};
 
@@ -43,7 +43,10 @@ pub fn begin(ctx: &Ctx, reference: &str) -> Result<BeginResult> {
         if task.cancel_requested_at.is_some() {
             return Err(Coded::new(
                 ExitKind::Failure,
-                format!("{} has a STOP pending: the deploy must not start", task.label()),
+                format!(
+                    "{} has a STOP pending: the deploy must not start",
+                    task.label()
+                ),
             )
             .with_hint("the deployer should exit; reconcile applies the STOP")
             .into());
@@ -54,7 +57,9 @@ pub fn begin(ctx: &Ctx, reference: &str) -> Result<BeginResult> {
             .ok_or_else(|| crate::error::bad_input(format!("{} has no branch", task.label())))?;
         let wi = task
             .original_work_item()
-            .ok_or_else(|| crate::error::bad_input(format!("{} has no work item id", task.label())))?
+            .ok_or_else(|| {
+                crate::error::bad_input(format!("{} has no work item id", task.label()))
+            })?
             .to_string();
         let note = match w.acquire_lease(&task.repo, &branch, task.id)? {
             LeaseOutcome::Acquired => "lease-acquired",
@@ -64,7 +69,9 @@ pub fn begin(ctx: &Ctx, reference: &str) -> Result<BeginResult> {
                     "the merge lease of {} is held by branch {} (task {})",
                     task.repo,
                     l.branch,
-                    l.task_id.map(|t| t.to_string()).unwrap_or_else(|| "?".into())
+                    l.task_id
+                        .map(|t| t.to_string())
+                        .unwrap_or_else(|| "?".into())
                 )))
             }
         };
@@ -141,9 +148,7 @@ pub fn finalize_tx(
             Outcome::Failure => "failed",
         };
         for j in w.jobs_of_task_in(task.id, "running")? {
-            if j.agent == "deployer"
-                && w.finish_running(j.id, j.run_id, status, None)?
-            {
+            if j.agent == "deployer" && w.finish_running(j.id, j.run_id, status, None)? {
                 jobs.push(w.job(j.id)?.unwrap_or(j));
             }
         }
@@ -161,12 +166,7 @@ pub fn finalize_tx(
     let note = if task.is_terminal() {
         format!("already-terminal:{}", task.stage)
     } else if task.cancel_requested_at.is_some() {
-        let opts = StopOptions {
-            reason: task.cancel_reason.clone(),
-            force: true,
-            source: Source::Deferred,
-        };
-        stop::full_reset_tx(w, &ctx.config, task, &opts)?;
+        stop::full_reset_tx(w, &ctx.config, task, &StopOptions::deferred(task))?;
         "cancelled".into()
     } else if task.stage != "deploy" {
         "not-in-deploy".into()
@@ -174,7 +174,11 @@ pub fn finalize_tx(
         match outcome {
             Outcome::Success => {
                 w.set_stage(task.id, "deploy", "done")?;
-                w.event(Some(task.id), "stage_changed", &json!({ "from": "deploy", "to": "done" }))?;
+                w.event(
+                    Some(task.id),
+                    "stage_changed",
+                    &json!({ "from": "deploy", "to": "done" }),
+                )?;
                 outbox::enqueue_notification(
                     w,
                     &ctx.config,

@@ -18,7 +18,7 @@ use crate::integrations::process::{self, Liveness};
 use crate::model::{Job, Task};
 use crate::outbox::{self, EffectReport};
 use crate::pipeline;
-use crate::stop::{self, Source, StopOptions};
+use crate::stop;
 use crate::store::Writer;
 use crate::Ctx;
 
@@ -41,25 +41,13 @@ pub struct CompleteResult {
     pub effects: Vec<EffectReport>,
 }
 
-/// Applies a deferred STOP once the task's critical window has closed (inside `w`).
-fn apply_deferred_if_window_closed(w: &Writer, ctx: &Ctx, task_id: i64) -> Result<bool> {
-    let Some(task) = w.task(task_id)? else {
-        return Ok(false);
-    };
-    if task.is_terminal() || task.cancel_requested_at.is_none() || stop::in_critical_window(w, &task)? {
-        return Ok(false);
-    }
-    let opts = StopOptions {
-        reason: task.cancel_reason.clone(),
-        force: true,
-        source: Source::Deferred,
-    };
-    stop::full_reset_tx(w, &ctx.config, &task, &opts)?;
-    Ok(true)
-}
-
 /// Records the outcome of run `run_id` of job `job_id`.
-pub fn complete(ctx: &Ctx, job_id: i64, run_id: i64, outcome: &RunOutcome) -> Result<CompleteResult> {
+pub fn complete(
+    ctx: &Ctx,
+    job_id: i64,
+    run_id: i64,
+    outcome: &RunOutcome,
+) -> Result<CompleteResult> {
     let (note, next_job, task_id) = ctx.store.write(|w| {
         let job = w.job(job_id)?.ok_or_else(|| {
             anyhow::Error::from(Coded::new(ExitKind::Failure, format!("no job {job_id}")))
@@ -71,10 +59,7 @@ pub fn complete(ctx: &Ctx, job_id: i64, run_id: i64, outcome: &RunOutcome) -> Re
             Some(t) => w.task(t)?,
             None => None,
         };
-        let stopping = task
-            .as_ref()
-            .map(|t| t.is_terminal() || t.cancel_requested_at.is_some())
-            .unwrap_or(false);
+        let stopping = task.as_ref().is_some_and(Task::is_stopping);
         let mut next_job = None;
         let note = match outcome {
             RunOutcome::Success => {
@@ -119,7 +104,7 @@ pub fn complete(ctx: &Ctx, job_id: i64, run_id: i64, outcome: &RunOutcome) -> Re
             }
         };
         let note = match job.task_id {
-            Some(t) if apply_deferred_if_window_closed(w, ctx, t)? => "cancelled".to_string(),
+            Some(t) if stop::apply_deferred_tx(w, &ctx.config, t)? => "cancelled".to_string(),
             _ => note,
         };
         Ok((note, next_job, job.task_id))
@@ -163,15 +148,27 @@ fn advance(w: &Writer, ctx: &Ctx, task: &Task, job: &Job) -> Result<(String, Opt
     match pipeline::next_stage_after_success(&task.stage, &job.agent) {
         Some(next) => {
             w.set_stage(task.id, &task.stage, next)?;
-            w.event(Some(task.id), "stage_changed", &json!({ "from": task.stage, "to": next }))?;
+            w.event(
+                Some(task.id),
+                "stage_changed",
+                &json!({ "from": task.stage, "to": next }),
+            )?;
             let next_job = match pipeline::entry_agent(next) {
                 Some(agent) => {
                     let id = w.insert_job(Some(task.id), agent, &task.repo)?;
-                    w.event(Some(task.id), "job_queued", &json!({ "job_id": id, "agent": agent }))?;
+                    w.event(
+                        Some(task.id),
+                        "job_queued",
+                        &json!({ "job_id": id, "agent": agent }),
+                    )?;
                     Some(id)
                 }
                 None => {
-                    w.event(Some(task.id), "parked", &json!({ "stage": next, "awaiting": "Confirm Deploy" }))?;
+                    w.event(
+                        Some(task.id),
+                        "parked",
+                        &json!({ "stage": next, "awaiting": "Confirm Deploy" }),
+                    )?;
                     None
                 }
             };
@@ -218,7 +215,9 @@ pub struct ReapReport {
 /// Why a running job is considered dead, or `None` while it lives.
 fn death(ctx: &Ctx, job: &Job, recover: bool) -> Result<Option<String>> {
     if recover {
-        return Ok(Some("recovery: every running job is dead after a reboot".into()));
+        return Ok(Some(
+            "recovery: every running job is dead after a reboot".into(),
+        ));
     }
     let age = || -> Result<Option<f64>> { ctx.store.read(|r| r.seconds_since_claim(job.id)) };
     let timeout = Duration::from_secs(ctx.config.claim_timeout_secs.max(0) as u64).as_secs_f64();
@@ -253,16 +252,19 @@ pub fn reap_unknown_outcome(w: &Writer, job: &Job, reason: &str) -> Result<Optio
         Some(t) => w.task(t)?,
         None => None,
     };
-    let stopping = task
-        .as_ref()
-        .map(|t| t.is_terminal() || t.cancel_requested_at.is_some())
-        .unwrap_or(false);
+    let stopping = task.as_ref().is_some_and(Task::is_stopping);
     let (action, changed) = if stopping {
-        ("cancelled", w.finish_running(job.id, job.run_id, "cancelled", Some(reason))?)
+        (
+            "cancelled",
+            w.finish_running(job.id, job.run_id, "cancelled", Some(reason))?,
+        )
     } else if job.attempts < job.max_attempts {
         ("requeued", w.requeue_run(job.id, job.run_id, Some(reason))?)
     } else {
-        ("failed", w.finish_running(job.id, job.run_id, "failed", Some(reason))?)
+        (
+            "failed",
+            w.finish_running(job.id, job.run_id, "failed", Some(reason))?,
+        )
     };
     if !changed {
         return Ok(None);
@@ -300,9 +302,7 @@ pub fn reap(ctx: &Ctx, opts: ReapOptions) -> Result<ReapReport> {
                         Some(t) => r.task(t)?,
                         None => None,
                     };
-                    let stopping = task
-                        .map(|t| t.is_terminal() || t.cancel_requested_at.is_some())
-                        .unwrap_or(false);
+                    let stopping = task.as_ref().is_some_and(Task::is_stopping);
                     let action = if stopping {
                         "cancelled"
                     } else if job.attempts < job.max_attempts {
@@ -320,7 +320,7 @@ pub fn reap(ctx: &Ctx, opts: ReapOptions) -> Result<ReapReport> {
             for (job, reason) in dead {
                 let action = reap_unknown_outcome(w, &job, &reason)?;
                 let applied = match job.task_id {
-                    Some(t) => apply_deferred_if_window_closed(w, ctx, t)?,
+                    Some(t) => stop::apply_deferred_tx(w, &ctx.config, t)?,
                     None => false,
                 };
                 out.push((job, reason, action, applied));

@@ -176,8 +176,27 @@ mod tests {
             assert_eq!(branch_problem(ok), None, "{ok}");
         }
         for bad in [
-            "", "-x", "a..b", "a@{b", "a b", "a\u{0}b", "a\tb", "/a", "a/", "a//b", "a.lock",
-            "x/.hidden", "a~1", "a^", "a:b", "a?", "a*", "a[b", "a\\b", "a.", "@",
+            "",
+            "-x",
+            "a..b",
+            "a@{b",
+            "a b",
+            "a\u{0}b",
+            "a\tb",
+            "/a",
+            "a/",
+            "a//b",
+            "a.lock",
+            "x/.hidden",
+            "a~1",
+            "a^",
+            "a:b",
+            "a?",
+            "a*",
+            "a[b",
+            "a\\b",
+            "a.",
+            "@",
         ] {
             assert!(branch_problem(bad).is_some(), "{bad:?}");
         }
@@ -191,7 +210,10 @@ mod tests {
         );
         assert_eq!(slug("  Über   große Änderung! "), "ber-gro-e-nderung");
         assert_eq!(default_branch_name("ORCH-1", None), "feature/ORCH-1");
-        assert_eq!(default_branch_name("ORCH-1", Some("Fix it")), "feature/ORCH-1-fix-it");
+        assert_eq!(
+            default_branch_name("ORCH-1", Some("Fix it")),
+            "feature/ORCH-1-fix-it"
+        );
         assert_eq!(default_branch_name("ORCH-1", Some("!!!")), "feature/ORCH-1");
     }
 

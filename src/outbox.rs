@@ -266,8 +266,11 @@ fn log_end(
 
 /// The longest an effect may take before its claim may be taken over by another process.
 fn lease_secs(c: &Config) -> i64 {
-    (c.stop_grace.as_secs_f64() + 5.0 + 4.0 * c.git_timeout.as_secs_f64() + 3.0 * c.http_timeout.as_secs_f64())
-        .ceil() as i64
+    (c.stop_grace.as_secs_f64()
+        + 5.0
+        + 4.0 * c.git_timeout.as_secs_f64()
+        + 3.0 * c.http_timeout.as_secs_f64())
+    .ceil() as i64
         + 30
 }
 
@@ -305,7 +308,9 @@ pub fn protected_reason(c: &Config, repo: &str, branch: &str) -> Option<String> 
         .iter()
         .find(|p| names::glob_match(p, branch))
     {
-        return Some(format!("{branch} matches ORCH_PROTECTED_BRANCHES pattern {p:?}"));
+        return Some(format!(
+            "{branch} matches ORCH_PROTECTED_BRANCHES pattern {p:?}"
+        ));
     }
     let clone = clone_dir(c, repo);
     if clone.is_dir() {
@@ -325,13 +330,12 @@ fn execute(c: &Config, row: &OutboxRow, effect: &Effect) -> Executed {
         Effect::StopProcess {
             pid, proc_start, ..
         } => {
-            let outcome = process::stop_agent(*pid, *proc_start, c.stop_grace).map_err(|f| {
-                EffectError {
+            let outcome =
+                process::stop_agent(*pid, *proc_start, c.stop_grace).map_err(|f| EffectError {
                     permanent: f.permanent,
                     message: f.message,
                     retry_after_secs: None,
-                }
-            })?;
+                })?;
             let result = match &outcome {
                 process::StopOutcome::Stopped {
                     signal,
@@ -357,7 +361,10 @@ fn execute(c: &Config, row: &OutboxRow, effect: &Effect) -> Executed {
             check_names(repo, branch)?;
             let clone = clone_dir(c, repo);
             if !clone.is_dir() {
-                return Ok((format!("no clone at {}: nothing to remove", clone.display()), None));
+                return Ok((
+                    format!("no clone at {}: nothing to remove", clone.display()),
+                    None,
+                ));
             }
             if let Some(why) = protected_reason(c, repo, branch) {
                 return Err(EffectError::permanent(format!("refused: {why}")));
@@ -414,17 +421,14 @@ fn execute(c: &Config, row: &OutboxRow, effect: &Effect) -> Executed {
                 return Ok(("skipped: the task has no Plane issue".into(), None));
             };
             let client = plane::PlaneClient::new(p, c.http_timeout, std::time::Duration::ZERO);
-            // Unique per outbox row, stable across its retries: a retry after a lost answer
-            // gets 409 instead of a second comment.
-            let external_id = format!(
-                "orchctl-{}-{}",
-                row.id,
-                short_hash(&format!("{}/{project}/{issue}", row.created_at))
-            );
+            let external_id = comment_external_id(row, project, issue);
             match client.add_comment(project, issue, html, &external_id)? {
                 plane::CommentOutcome::Posted => Ok(("comment posted".into(), None)),
                 plane::CommentOutcome::AlreadyPosted => {
                     Ok(("comment was already posted".into(), None))
+                }
+                plane::CommentOutcome::IssueGone => {
+                    Ok(("skipped: the Plane issue no longer exists".into(), None))
                 }
             }
         }
@@ -432,10 +436,24 @@ fn execute(c: &Config, row: &OutboxRow, effect: &Effect) -> Executed {
             let Some(argv) = &c.notify_cmd else {
                 return Ok(("skipped: ORCH_NOTIFY_CMD not set".into(), None));
             };
-            notify::run(argv, event, c.http_timeout.max(std::time::Duration::from_secs(10)))?;
+            notify::run(
+                argv,
+                event,
+                c.http_timeout.max(std::time::Duration::from_secs(10)),
+            )?;
             Ok(("notify command ran".into(), None))
         }
     }
+}
+
+/// The `external_id` of a Plane comment effect: unique per outbox row and stable across
+/// its retries, so a retry after a lost answer gets 409 instead of posting twice.
+pub fn comment_external_id(row: &OutboxRow, project: &str, issue: &str) -> String {
+    format!(
+        "orchctl-{}-{}",
+        row.id,
+        short_hash(&format!("{}/{project}/{issue}", row.created_at))
+    )
 }
 
 fn check_names(repo: &str, branch: &str) -> Result<(), EffectError> {

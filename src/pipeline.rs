@@ -64,8 +64,14 @@ mod tests {
         assert_eq!(agent_for_stage("deploy"), Some("deployer"));
         assert_eq!(entry_agent("deploy"), None);
         assert_eq!(entry_agent("development"), Some("developer"));
-        assert_eq!(next_stage_after_success("development", "developer"), Some("review"));
-        assert_eq!(next_stage_after_success("review", "reviewer"), Some("deploy"));
+        assert_eq!(
+            next_stage_after_success("development", "developer"),
+            Some("review")
+        );
+        assert_eq!(
+            next_stage_after_success("review", "reviewer"),
+            Some("deploy")
+        );
         assert_eq!(next_stage_after_success("analysis", "analyst"), None);
         assert!(is_terminal("cancelled") && is_terminal("done") && !is_terminal("deploy"));
         assert!(is_mid_pipeline("review") && !is_mid_pipeline("analysis"));

@@ -56,6 +56,15 @@ impl StopOptions {
         }
     }
 
+    /// The forced reset that applies a deferred STOP, with the reason it was given.
+    pub fn deferred(task: &Task) -> Self {
+        StopOptions {
+            reason: task.cancel_reason.clone(),
+            force: true,
+            source: Source::Deferred,
+        }
+    }
+
     fn reason(&self) -> String {
         self.reason
             .clone()
@@ -100,11 +109,9 @@ pub fn in_critical_window(r: &Reader, task: &Task) -> Result<bool> {
 }
 
 /// What the transaction decided.
-// Lives for one call and is matched at once: boxing the task would buy nothing.
-#[allow(clippy::large_enum_variant)]
 enum Decision {
     NoTask,
-    Terminal(Task),
+    Terminal(String),
     Deferred { first: bool, jobs_cancelled: usize },
     Reset { jobs_cancelled: usize },
 }
@@ -137,7 +144,7 @@ pub fn cancel_task(ctx: &Ctx, task_id: i64, opts: &StopOptions) -> Result<StopRe
             return Ok(Decision::NoTask);
         };
         if task.is_terminal() {
-            return Ok(Decision::Terminal(task));
+            return Ok(Decision::Terminal(task.stage));
         }
         if !opts.force && in_critical_window(w, &task)? {
             return defer_tx(w, &ctx.config, &task, opts);
@@ -149,7 +156,7 @@ pub fn cancel_task(ctx: &Ctx, task_id: i64, opts: &StopOptions) -> Result<StopRe
     let (deferred, jobs_cancelled, note) = match decision {
         Decision::NoTask => return Ok(no_task(&task_id.to_string())),
         // A STOP killed half-way left effects pending: the repeated STOP finishes them.
-        Decision::Terminal(task) => (false, 0, format!("already-terminal:{}", task.stage)),
+        Decision::Terminal(stage) => (false, 0, format!("already-terminal:{stage}")),
         Decision::Deferred {
             first: true,
             jobs_cancelled,
@@ -211,11 +218,30 @@ fn defer_tx(w: &Writer, config: &Config, task: &Task, opts: &StopOptions) -> Res
     })
 }
 
+/// Applies a pending deferred STOP of `task_id` as a forced full reset (`source:
+/// deferred`) when its critical window has closed, inside the caller's transaction.
+/// Returns whether it did; the caller runs the outbox after commit.
+pub fn apply_deferred_tx(w: &Writer, config: &Config, task_id: i64) -> Result<bool> {
+    let Some(task) = w.task(task_id)? else {
+        return Ok(false);
+    };
+    if task.is_terminal() || task.cancel_requested_at.is_none() || in_critical_window(w, &task)? {
+        return Ok(false);
+    }
+    full_reset_tx(w, config, &task, &StopOptions::deferred(&task))?;
+    Ok(true)
+}
+
 /// The full reset's transaction (SPEC §3 4.1), usable inside any write: cancels every
 /// queued/running job, makes the task `cancelled` with tombstoned keys, releases its lease,
 /// clears its deploy marker, and writes the audit rows and the outbox rows of the side
 /// effects. Returns the number of jobs cancelled. The caller runs the outbox after commit.
-pub fn full_reset_tx(w: &Writer, config: &Config, task: &Task, opts: &StopOptions) -> Result<usize> {
+pub fn full_reset_tx(
+    w: &Writer,
+    config: &Config,
+    task: &Task,
+    opts: &StopOptions,
+) -> Result<usize> {
     let reason = opts.reason();
     let cancelled = w.cancel_jobs_for_task(task.id, false, &reason)?;
     if !w.mark_task_cancelled(task.id, &reason)? {

@@ -44,7 +44,11 @@ pub fn insert_with_job(w: &Writer, new: &NewTask, source: &str) -> Result<(i64, 
     let job = match pipeline::entry_agent(&new.stage) {
         Some(agent) => {
             let job = w.insert_job(Some(id), agent, &new.repo)?;
-            w.event(Some(id), "job_queued", &json!({ "job_id": job, "agent": agent }))?;
+            w.event(
+                Some(id),
+                "job_queued",
+                &json!({ "job_id": job, "agent": agent }),
+            )?;
             Some(job)
         }
         None => None,
@@ -158,7 +162,9 @@ pub struct TaskView {
 pub fn show(ctx: &Ctx, reference: &str) -> Result<TaskView> {
     let task = resolve(ctx, reference)?;
     ctx.store.read(|r| {
-        let lease = r.lease(&task.repo)?.filter(|l| Some(&l.branch) == task.branch.as_ref());
+        let lease = r
+            .lease(&task.repo)?
+            .filter(|l| Some(&l.branch) == task.branch.as_ref());
         let deploy_marker = match task.original_work_item() {
             Some(wi) => r.marker(&task.repo, wi)?,
             None => None,

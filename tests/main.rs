@@ -1,5 +1,7 @@
-mod common;
-mod stop;
-mod queue;
 mod cli;
+mod common;
 mod docs;
+mod event;
+mod lifecycle;
+mod queue;
+mod stop;

@@ -22,8 +22,20 @@ fn tc02_every_pid_of_a_real_agent_group_is_gone_after_stop() {
     let tid = env.make_task("PL-10", "ORCH-310", "development", None);
     let agent = Agent::spawn("sleep 60 & sleep 60");
     let members = agent.group();
-    assert!(members.len() >= 2, "the agent group has its children: {members:?}");
-    env.make_job_full(tid, "developer", "running", Some(agent.pid), Some(agent.start), Some(77), 1, 2);
+    assert!(
+        members.len() >= 2,
+        "the agent group has its children: {members:?}"
+    );
+    env.make_job_full(
+        tid,
+        "developer",
+        "running",
+        Some(agent.pid),
+        Some(agent.start),
+        Some(77),
+        1,
+        2,
+    );
 
     let res = env.json(&["stop", "ORCH-310"]);
 
@@ -46,12 +58,24 @@ fn tc02_an_agent_ignoring_sigterm_is_killed_after_the_grace() {
     let tid = env.make_task("PL-12", "ORCH-312", "development", None);
     let agent = Agent::spawn("trap '' TERM; sleep 60 & sleep 60; wait");
     let members = agent.group();
-    env.make_job_full(tid, "developer", "running", Some(agent.pid), Some(agent.start), Some(5), 1, 2);
+    env.make_job_full(
+        tid,
+        "developer",
+        "running",
+        Some(agent.pid),
+        Some(agent.start),
+        Some(5),
+        1,
+        2,
+    );
 
     let res = env.json(&["stop", "ORCH-312"]);
 
     assert_eq!(res["stopped"], 1);
-    assert_eq!(effect(&res, "stop_process").unwrap()["detail"]["signal"], "SIGKILL");
+    assert_eq!(
+        effect(&res, "stop_process").unwrap()["detail"]["signal"],
+        "SIGKILL"
+    );
     for pid in members {
         assert!(!alive(pid), "pid {pid} survived SIGKILL");
     }
@@ -77,12 +101,24 @@ fn a_recycled_pid_is_never_signalled() {
     let tid = env.make_task("PL-13", "ORCH-313", "development", None);
     let agent = Agent::spawn("sleep 60");
     // The recorded start time is not the live process's: the pid was "recycled".
-    env.make_job_full(tid, "developer", "running", Some(agent.pid), Some(agent.start - 1), Some(9), 1, 2);
+    env.make_job_full(
+        tid,
+        "developer",
+        "running",
+        Some(agent.pid),
+        Some(agent.start - 1),
+        Some(9),
+        1,
+        2,
+    );
 
     let res = env.json(&["stop", "ORCH-313"]);
 
     assert_eq!(res["stopped"], 0);
-    assert!(alive(agent.pid as i32), "a process that is not ours was signalled");
+    assert!(
+        alive(agent.pid as i32),
+        "a process that is not ours was signalled"
+    );
     let e = effect(&res, "stop_process").unwrap();
     assert_eq!(e["status"], "done");
     assert_eq!(e["detail"]["outcome"], "recycled");
@@ -100,7 +136,10 @@ fn a_pid_without_a_recorded_start_time_is_never_signalled() {
 
     assert_eq!(res["stopped"], 0);
     assert!(alive(agent.pid as i32));
-    assert_eq!(effect(&res, "stop_process").unwrap()["detail"]["outcome"], "unverified");
+    assert_eq!(
+        effect(&res, "stop_process").unwrap()["detail"]["outcome"],
+        "unverified"
+    );
 }
 
 #[test]
@@ -120,7 +159,9 @@ fn tc03_queued_and_running_jobs_are_cancelled_and_claim_skips_them() {
     assert_eq!(code, 3, "a cancelled job was claimed: {stdout}");
     // Finished jobs carry their end time.
     assert_eq!(
-        env.count("SELECT count(*) FROM jobs WHERE status = 'cancelled' AND finished_at IS NOT NULL"),
+        env.count(
+            "SELECT count(*) FROM jobs WHERE status = 'cancelled' AND finished_at IS NOT NULL"
+        ),
         2
     );
 }
@@ -156,11 +197,23 @@ fn tc05_worktree_local_and_remote_branch_are_removed_through_a_real_bare_remote(
 
     assert_eq!(res["note"], "cancelled");
     assert_eq!(effect(&res, "remove_worktree").unwrap()["status"], "done");
-    assert_eq!(effect(&res, "delete_remote_branch").unwrap()["status"], "done");
+    assert_eq!(
+        effect(&res, "delete_remote_branch").unwrap()["status"],
+        "done"
+    );
     assert!(!wt.exists(), "the worktree folder is gone");
-    assert!(!repo.worktree_list().contains("ORCH-340"), "git no longer lists the worktree");
-    assert!(!repo.local_branches().contains("ORCH-340"), "the local branch is deleted");
-    assert!(!repo.remote_branches().contains("ORCH-340"), "the remote branch is deleted");
+    assert!(
+        !repo.worktree_list().contains("ORCH-340"),
+        "git no longer lists the worktree"
+    );
+    assert!(
+        !repo.local_branches().contains("ORCH-340"),
+        "the local branch is deleted"
+    );
+    assert!(
+        !repo.remote_branches().contains("ORCH-340"),
+        "the remote branch is deleted"
+    );
     // The main working tree and main branch are untouched.
     assert!(repo.clone.join("README.md").exists());
     assert!(repo.local_branches().contains("main"));
@@ -187,7 +240,10 @@ fn tc05_remote_branch_is_deleted_through_the_gitea_api() {
     let res = env.json(&["stop", &tid.to_string()]);
 
     delete.assert_hits(1);
-    assert_eq!(effect(&res, "delete_remote_branch").unwrap()["result"], "deleted on Gitea");
+    assert_eq!(
+        effect(&res, "delete_remote_branch").unwrap()["result"],
+        "deleted on Gitea"
+    );
     assert!(!wt.exists());
     assert!(!repo.local_branches().contains("ORCH-341"));
     assert!(!res.to_string().contains("gitea-secret-1"));
@@ -201,7 +257,8 @@ fn tc05_gitea_404_means_already_gone() {
         then.status(404);
     });
     let mut env = Env::new();
-    env.set("ORCH_GITEA_URL", &server.base_url()).set("ORCH_GITEA_OWNER", "acme");
+    env.set("ORCH_GITEA_URL", &server.base_url())
+        .set("ORCH_GITEA_OWNER", "acme");
     let tid = env.make_task("PL-42", "ORCH-342", "review", None);
 
     let res = env.json(&["stop", &tid.to_string()]);
@@ -228,13 +285,28 @@ fn tc05_main_master_default_and_protected_branches_are_refused_before_any_reques
     std::process::Command::new("git")
         .arg("-C")
         .arg(&repo.clone)
-        .args(["symbolic-ref", "refs/remotes/origin/HEAD", "refs/remotes/origin/trunk"])
+        .args([
+            "symbolic-ref",
+            "refs/remotes/origin/HEAD",
+            "refs/remotes/origin/trunk",
+        ])
         .status()
         .unwrap();
-    for (i, branch) in ["main", "master", "release/1.0", "prod", "trunk"].iter().enumerate() {
-        let tid = env.make_task(&format!("PL-5{i}"), &format!("ORCH-35{i}"), "development", Some(branch));
+    for (i, branch) in ["main", "master", "release/1.0", "prod", "trunk"]
+        .iter()
+        .enumerate()
+    {
+        let tid = env.make_task(
+            &format!("PL-5{i}"),
+            &format!("ORCH-35{i}"),
+            "development",
+            Some(branch),
+        );
         let res = env.json(&["stop", &tid.to_string()]);
-        assert_eq!(res["note"], "cancelled", "{branch}: the task is still cancelled");
+        assert_eq!(
+            res["note"], "cancelled",
+            "{branch}: the task is still cancelled"
+        );
         for kind in ["delete_remote_branch", "remove_worktree"] {
             let e = effect(&res, kind).unwrap();
             assert_eq!(e["status"], "failed", "{branch} {kind}: {e}");
@@ -243,9 +315,13 @@ fn tc05_main_master_default_and_protected_branches_are_refused_before_any_reques
         // The refusal is in the task's log.
         let log = env.json(&["task", "log", &tid.to_string()]);
         assert!(
-            log["events"].as_array().unwrap().iter().any(|ev| ev["kind"] == "delete_remote_branch"
-                && ev["detail"]["status"] == "failed"
-                && ev["detail"]["error"].as_str().unwrap().contains(branch)),
+            log["events"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|ev| ev["kind"] == "delete_remote_branch"
+                    && ev["detail"]["status"] == "failed"
+                    && ev["detail"]["error"].as_str().unwrap().contains(branch)),
             "{log}"
         );
     }
@@ -262,7 +338,8 @@ fn a_gitea_500_leaves_the_task_cancelled_and_the_branch_deletion_pending() {
         then.status(500).body("boom");
     });
     let mut env = Env::new();
-    env.set("ORCH_GITEA_URL", &server.base_url()).set("ORCH_GITEA_OWNER", "acme");
+    env.set("ORCH_GITEA_URL", &server.base_url())
+        .set("ORCH_GITEA_OWNER", "acme");
     let tid = env.make_task("PL-60", "ORCH-360", "development", None);
 
     let res = env.json(&["stop", "ORCH-360"]);
@@ -278,9 +355,11 @@ fn a_gitea_500_leaves_the_task_cancelled_and_the_branch_deletion_pending() {
         1
     );
     let log = env.json(&["task", "log", &tid.to_string()]);
-    assert!(log["events"].as_array().unwrap().iter().any(|ev| {
-        ev["kind"] == "delete_remote_branch" && ev["detail"]["status"] == "pending"
-    }));
+    assert!(log["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|ev| { ev["kind"] == "delete_remote_branch" && ev["detail"]["status"] == "pending" }));
 }
 
 #[test]
@@ -291,12 +370,20 @@ fn tc06_docs_artefacts_in_the_main_clone_and_the_task_row_survive() {
     let docs = repo.clone.join("docs/work-items/ORCH-350");
     std::fs::create_dir_all(&docs).unwrap();
     std::fs::write(docs.join("02-trz.md"), "trz").unwrap();
-    let tid = env.make_task("PL-50", "ORCH-350", "development", Some("feature/ORCH-350-x"));
+    let tid = env.make_task(
+        "PL-50",
+        "ORCH-350",
+        "development",
+        Some("feature/ORCH-350-x"),
+    );
 
     env.json(&["stop", &tid.to_string()]);
 
     assert!(!wt.exists());
-    assert_eq!(std::fs::read_to_string(docs.join("02-trz.md")).unwrap(), "trz");
+    assert_eq!(
+        std::fs::read_to_string(docs.join("02-trz.md")).unwrap(),
+        "trz"
+    );
     assert_eq!(env.task(tid).stage, "cancelled");
     assert_eq!(env.count("SELECT count(*) FROM tasks"), 1);
 }
@@ -340,7 +427,11 @@ fn tc13_end_to_end_stop() {
     let notify_log = env.path().join("notify.log");
     let script = env.path().join("notify.sh");
     std::fs::write(&script, "#!/bin/sh\ncat >> \"$1\"\necho >> \"$1\"\n").unwrap();
-    std::process::Command::new("chmod").arg("+x").arg(&script).status().unwrap();
+    std::process::Command::new("chmod")
+        .arg("+x")
+        .arg(&script)
+        .status()
+        .unwrap();
     env.set("ORCH_PLANE_URL", &plane.base_url())
         .set("ORCH_PLANE_WORKSPACE", "acme")
         .set("ORCH_PLANE_API_TOKEN", "plane-secret-1")
@@ -351,14 +442,35 @@ fn tc13_end_to_end_stop() {
     let repo = GitRepo::new(&env, "orchestrator");
     let wt = repo.feature(&env, "feature/ORCH-410-e2e");
     let added = env.json(&[
-        "task", "add", "--repo", "orchestrator", "--work-item", "ORCH-410", "--plane-id", "PL-110",
-        "--project-id", "proj-1", "--branch", "feature/ORCH-410-e2e", "--stage", "review",
+        "task",
+        "add",
+        "--repo",
+        "orchestrator",
+        "--work-item",
+        "ORCH-410",
+        "--plane-id",
+        "PL-110",
+        "--project-id",
+        "proj-1",
+        "--branch",
+        "feature/ORCH-410-e2e",
+        "--stage",
+        "review",
     ]);
     let tid = added["task"]["id"].as_i64().unwrap();
     let jq = added["job"]["id"].as_i64().unwrap();
     let agent = Agent::spawn("sleep 60 & sleep 60");
     let members = agent.group();
-    let jr = env.make_job_full(tid, "reviewer", "running", Some(agent.pid), Some(agent.start), Some(11), 1, 2);
+    let jr = env.make_job_full(
+        tid,
+        "reviewer",
+        "running",
+        Some(agent.pid),
+        Some(agent.start),
+        Some(11),
+        1,
+        2,
+    );
 
     let res = env.json(&["stop", "PL-110", "--reason", "Plane STOP status"]);
 
@@ -380,14 +492,33 @@ fn tc13_end_to_end_stop() {
     assert_eq!(t["plane_id"], format!("PL-110#cancelled-{tid}"));
     assert_eq!(t["work_item_id"], format!("ORCH-410#cancelled-{tid}"));
     assert_eq!(t["plane_issue_id"], format!("PL-110#cancelled-{tid}"));
-    assert_eq!(t["plane_issue_id"].as_str().unwrap().split("#cancelled-").next(), Some("PL-110"));
+    assert_eq!(
+        t["plane_issue_id"]
+            .as_str()
+            .unwrap()
+            .split("#cancelled-")
+            .next(),
+        Some("PL-110")
+    );
     // The keys are free: the Plane id no longer resolves...
-    assert!(env.ctx().store.read(|r| r.find_task("PL-110")).unwrap().is_none());
+    assert!(env
+        .ctx()
+        .store
+        .read(|r| r.find_task("PL-110"))
+        .unwrap()
+        .is_none());
     let (code, _, _) = env.run(&["task", "show", "PL-110"]);
     assert_eq!(code, 1);
     // ...and a fresh pipeline for the same issue can start.
     let again = env.json(&[
-        "task", "add", "--repo", "orchestrator", "--work-item", "ORCH-410", "--plane-id", "PL-110",
+        "task",
+        "add",
+        "--repo",
+        "orchestrator",
+        "--work-item",
+        "ORCH-410",
+        "--plane-id",
+        "PL-110",
     ]);
     assert_ne!(again["task"]["id"].as_i64().unwrap(), tid);
     // Notifications: one Plane comment, one notify-hook event.
@@ -414,24 +545,59 @@ fn tc14_migrations_are_idempotent_and_the_seed_columns_exist() {
     let c = env.sql();
     let cols = |t: &str| -> Vec<String> {
         let mut s = c.prepare(&format!("PRAGMA table_info({t})")).unwrap();
-        s.query_map([], |r| r.get::<_, String>(1)).unwrap().map(Result::unwrap).collect()
+        s.query_map([], |r| r.get::<_, String>(1))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect()
     };
     for col in [
-        "id", "plane_id", "work_item_id", "plane_issue_id", "project_id", "repo", "branch", "title",
-        "stage", "created_at", "updated_at", "cancelled_at", "cancel_requested_at", "cancel_reason",
+        "id",
+        "plane_id",
+        "work_item_id",
+        "plane_issue_id",
+        "project_id",
+        "repo",
+        "branch",
+        "title",
+        "stage",
+        "created_at",
+        "updated_at",
+        "cancelled_at",
+        "cancel_requested_at",
+        "cancel_reason",
     ] {
         assert!(cols("tasks").contains(&col.to_string()), "tasks.{col}");
     }
     for col in [
-        "id", "agent", "repo", "task_id", "status", "pid", "proc_start", "run_id", "attempts",
-        "max_attempts", "created_at", "claimed_at", "finished_at", "error",
+        "id",
+        "agent",
+        "repo",
+        "task_id",
+        "status",
+        "pid",
+        "proc_start",
+        "run_id",
+        "attempts",
+        "max_attempts",
+        "created_at",
+        "claimed_at",
+        "finished_at",
+        "error",
     ] {
         assert!(cols("jobs").contains(&col.to_string()), "jobs.{col}");
     }
-    for table in ["task_deps", "task_events", "outbox", "merge_leases", "deploy_markers"] {
+    for table in [
+        "task_deps",
+        "task_events",
+        "outbox",
+        "merge_leases",
+        "deploy_markers",
+    ] {
         assert!(!cols(table).is_empty(), "table {table}");
     }
-    let mode: String = c.query_row("PRAGMA journal_mode", [], |r| r.get(0)).unwrap();
+    let mode: String = c
+        .query_row("PRAGMA journal_mode", [], |r| r.get(0))
+        .unwrap();
     assert_eq!(mode, "wal");
 }
 
@@ -473,12 +639,17 @@ fn tc14_a_queued_job_is_claimable_when_no_gate_blocks_it() {
 fn a_database_from_a_newer_binary_is_refused_untouched() {
     let env = Env::new();
     env.json(&["migrate"]);
-    env.sql().execute_batch("PRAGMA user_version = 999").unwrap();
+    env.sql()
+        .execute_batch("PRAGMA user_version = 999")
+        .unwrap();
     let before = std::fs::read(&env.db).unwrap();
     for args in [vec!["migrate"], vec!["task", "list"], vec!["stop", "1"]] {
         let (code, _, stderr) = env.run(&args);
         assert_eq!(code, 78, "{args:?}: {stderr}");
-        assert!(stderr.starts_with("orchctl: ") && stderr.contains("newer"), "{stderr}");
+        assert!(
+            stderr.starts_with("orchctl: ") && stderr.contains("newer"),
+            "{stderr}"
+        );
     }
     assert_eq!(std::fs::read(&env.db).unwrap(), before);
 }
@@ -494,7 +665,14 @@ fn invalid_names_are_refused_with_exit_65_and_nothing_written() {
         vec!["--repo", "ok", "--work-item", "ORCH-1", "--branch", "a..b"],
         vec!["--repo", "ok", "--work-item", "ORCH-1", "--branch=-rf"],
         vec!["--repo", "ok", "--work-item", "ORCH-1", "--branch", "x@{y"],
-        vec!["--repo", "ok", "--work-item", "ORCH-1", "--branch", "x\u{7}y"],
+        vec![
+            "--repo",
+            "ok",
+            "--work-item",
+            "ORCH-1",
+            "--branch",
+            "x\u{7}y",
+        ],
         vec!["--repo", "ok", "--work-item", "ORCH 1"],
         vec!["--repo", "ok", "--work-item", "ORCH-1", "--stage", "done"],
     ] {
@@ -507,7 +685,16 @@ fn invalid_names_are_refused_with_exit_65_and_nothing_written() {
     assert_eq!(env.count("SELECT count(*) FROM tasks"), 0);
     assert_eq!(env.count("SELECT count(*) FROM jobs"), 0);
     // Slashes inside a branch stay legal.
-    env.json(&["task", "add", "--repo", "ok", "--work-item", "ORCH-1", "--branch", "feature/ORCH-1-x"]);
+    env.json(&[
+        "task",
+        "add",
+        "--repo",
+        "ok",
+        "--work-item",
+        "ORCH-1",
+        "--branch",
+        "feature/ORCH-1-x",
+    ]);
 }
 
 // ------------------------------------------------------------------------------ D7
@@ -518,13 +705,29 @@ fn d7_stop_inside_an_initiated_deploy_is_deferred_then_repeated_without_a_second
     let notify_log = env.path().join("notify.log");
     let script = env.path().join("notify.sh");
     std::fs::write(&script, "#!/bin/sh\ncat >> \"$1\"\necho >> \"$1\"\n").unwrap();
-    std::process::Command::new("chmod").arg("+x").arg(&script).status().unwrap();
-    env.set("ORCH_NOTIFY_CMD", &format!("{} {}", script.display(), notify_log.display()));
+    std::process::Command::new("chmod")
+        .arg("+x")
+        .arg(&script)
+        .status()
+        .unwrap();
+    env.set(
+        "ORCH_NOTIFY_CMD",
+        &format!("{} {}", script.display(), notify_log.display()),
+    );
     let tid = env.make_task("PL-130", "ORCH-430", "deploy", Some("feature/ORCH-430-d"));
     env.json(&["deploy-begin", "ORCH-430"]);
     let jq = env.make_job_full(tid, "deployer", "queued", None, None, None, 0, 2);
     let actor = Agent::spawn("sleep 60");
-    let jr = env.make_job_full(tid, "deployer", "running", Some(actor.pid), Some(actor.start), Some(3), 1, 2);
+    let jr = env.make_job_full(
+        tid,
+        "deployer",
+        "running",
+        Some(actor.pid),
+        Some(actor.start),
+        Some(3),
+        1,
+        2,
+    );
 
     let r1 = env.json(&["stop", "ORCH-430"]);
     let r2 = env.json(&["stop", "ORCH-430"]);
@@ -539,12 +742,28 @@ fn d7_stop_inside_an_initiated_deploy_is_deferred_then_repeated_without_a_second
     assert_eq!(env.job_status(jr), "running");
     assert!(alive(actor.pid as i32), "the deploy actor was killed");
     let t = env.task(tid);
-    assert!(t.cancel_requested_at.as_deref().is_some_and(|s| !s.is_empty()));
+    assert!(t
+        .cancel_requested_at
+        .as_deref()
+        .is_some_and(|s| !s.is_empty()));
     assert_eq!(t.stage, "deploy");
-    assert_eq!(t.work_item_id.as_deref(), Some("ORCH-430"), "keys stay until the reset");
-    assert_eq!(env.count("SELECT count(*) FROM outbox WHERE kind IN ('remove_worktree', 'delete_remote_branch')"), 0);
+    assert_eq!(
+        t.work_item_id.as_deref(),
+        Some("ORCH-430"),
+        "keys stay until the reset"
+    );
+    assert_eq!(
+        env.count(
+            "SELECT count(*) FROM outbox WHERE kind IN ('remove_worktree', 'delete_remote_branch')"
+        ),
+        0
+    );
     let notices = std::fs::read_to_string(&notify_log).unwrap();
-    assert_eq!(notices.lines().filter(|l| !l.trim().is_empty()).count(), 1, "{notices}");
+    assert_eq!(
+        notices.lines().filter(|l| !l.trim().is_empty()).count(),
+        1,
+        "{notices}"
+    );
     assert!(notices.contains("cancel_deferred"));
 }
 
@@ -579,7 +798,11 @@ fn d7_lease_held_while_parked_is_not_critical_and_stop_releases_it() {
     assert_eq!(res["note"], "cancelled");
     assert_eq!(env.task(tid).stage, "cancelled");
     assert!(effect(&res, "delete_remote_branch").is_some());
-    assert!(ctx.store.read(|r| r.lease("orchestrator")).unwrap().is_none());
+    assert!(ctx
+        .store
+        .read(|r| r.lease("orchestrator"))
+        .unwrap()
+        .is_none());
 }
 
 #[test]
@@ -604,7 +827,12 @@ fn d7_lease_held_with_a_running_actor_is_critical() {
 #[test]
 fn d7_forced_stop_of_a_deferred_task_applies_the_full_reset() {
     let env = Env::new();
-    let tid = env.make_task("PL-140", "ORCH-440", "development", Some("feature/ORCH-440-d"));
+    let tid = env.make_task(
+        "PL-140",
+        "ORCH-440",
+        "development",
+        Some("feature/ORCH-440-d"),
+    );
     let ctx = env.ctx();
     ctx.store
         .write(|w| w.set_cancel_requested(tid, "deferred earlier"))
@@ -633,10 +861,23 @@ fn stop_returns_soon_after_a_term_respecting_agent_exits() {
     env.set("ORCH_STOP_GRACE_SECS", "10");
     let tid = env.make_task("PL-150", "ORCH-450", "development", None);
     let agent = Agent::spawn("sleep 60");
-    env.make_job_full(tid, "developer", "running", Some(agent.pid), Some(agent.start), Some(1), 1, 2);
+    env.make_job_full(
+        tid,
+        "developer",
+        "running",
+        Some(agent.pid),
+        Some(agent.start),
+        Some(1),
+        1,
+        2,
+    );
     let started = std::time::Instant::now();
     let res = env.json(&["stop", "ORCH-450"]);
     // Far below the 10 s grace: the stop polled for the exit instead of sleeping.
-    assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
     assert_eq!(res["stopped"], 1);
 }

@@ -142,7 +142,12 @@ pub fn remove_worktree(
 pub fn default_branch(clone: &Path, limit: Duration) -> Option<String> {
     let remote = git(
         clone,
-        &["symbolic-ref", "--quiet", "--short", "refs/remotes/origin/HEAD"],
+        &[
+            "symbolic-ref",
+            "--quiet",
+            "--short",
+            "refs/remotes/origin/HEAD",
+        ],
         limit,
     )
     .ok()
@@ -151,11 +156,15 @@ pub fn default_branch(clone: &Path, limit: Duration) -> Option<String> {
     if let Some(r) = remote.and_then(|r| r.strip_prefix("origin/").map(String::from)) {
         return Some(r);
     }
-    git(clone, &["symbolic-ref", "--quiet", "--short", "HEAD"], limit)
-        .ok()
-        .filter(|o| o.status.success())
-        .map(|o| o.stdout.trim().to_string())
-        .filter(|s| !s.is_empty())
+    git(
+        clone,
+        &["symbolic-ref", "--quiet", "--short", "HEAD"],
+        limit,
+    )
+    .ok()
+    .filter(|o| o.status.success())
+    .map(|o| o.stdout.trim().to_string())
+    .filter(|s| !s.is_empty())
 }
 
 /// `git push origin --delete <branch>`; true when deleted, false when it was already gone.
@@ -168,7 +177,10 @@ pub fn push_delete(clone: &Path, remote: &str, branch: &str, limit: Duration) ->
     if out.stderr.contains("remote ref does not exist") {
         return Ok(false);
     }
-    bail!("git push {remote} --delete {branch} failed: {}", out.stderr.trim())
+    bail!(
+        "git push {remote} --delete {branch} failed: {}",
+        out.stderr.trim()
+    )
 }
 
 #[cfg(test)]

@@ -29,10 +29,7 @@ pub fn delete_branch(
         segment(repo),
         segments(branch)
     );
-    let auth = cfg
-        .token
-        .as_ref()
-        .map(|t| format!("token {}", t.expose()));
+    let auth = cfg.token.as_ref().map(|t| format!("token {}", t.expose()));
     let mut headers = vec![("Accept", "application/json")];
     if let Some(a) = &auth {
         headers.push(("Authorization", a.as_str()));

@@ -59,6 +59,9 @@ impl PlaneIssue {
 pub enum CommentOutcome {
     Posted,
     AlreadyPosted,
+    /// Plane answered 404: the issue was deleted (reconcile cancels such tasks and their
+    /// farewell comment has nowhere to go; retrying cannot help).
+    IssueGone,
 }
 
 pub struct PlaneClient<'a> {
@@ -136,7 +139,10 @@ impl<'a> PlaneClient<'a> {
 
     fn call(&self, method: &str, path: &str, body: Option<&Value>) -> Result<Answer, EffectError> {
         if self.remaining.get() == Some(0) {
-            self.pause_or_fail(self.seconds_until_reset(), "no requests left in this minute")?;
+            self.pause_or_fail(
+                self.seconds_until_reset(),
+                "no requests left in this minute",
+            )?;
         }
         let url = self.url(path);
         let key = self.cfg.token.as_ref().map(|t| t.expose().to_string());
@@ -181,9 +187,9 @@ impl<'a> PlaneClient<'a> {
     fn get_json(&self, path: &str) -> Result<Option<Value>, EffectError> {
         let a = self.call("GET", path, None)?;
         match a.status {
-            200 => serde_json::from_str(&a.body)
-                .map(Some)
-                .map_err(|e| EffectError::retry(format!("Plane sent invalid JSON for {path}: {e}"))),
+            200 => serde_json::from_str(&a.body).map(Some).map_err(|e| {
+                EffectError::retry(format!("Plane sent invalid JSON for {path}: {e}"))
+            }),
             404 => Ok(None),
             s => Err(status_error(s, path)),
         }
@@ -227,9 +233,9 @@ impl<'a> PlaneClient<'a> {
     /// The workflow states of a project.
     pub fn states(&self, project_id: &str) -> Result<Vec<PlaneState>, EffectError> {
         let path = format!("projects/{}/states/", segment(project_id));
-        let items = self
-            .get_pages(&path, 1000)?
-            .ok_or_else(|| EffectError::permanent(format!("Plane project {project_id} not found")))?;
+        let items = self.get_pages(&path, 1000)?.ok_or_else(|| {
+            EffectError::permanent(format!("Plane project {project_id} not found"))
+        })?;
         Ok(items
             .iter()
             .filter_map(|s| {
@@ -245,9 +251,9 @@ impl<'a> PlaneClient<'a> {
     /// A project's identifier (`ORCH` in `ORCH-310`).
     pub fn project_identifier(&self, project_id: &str) -> Result<String, EffectError> {
         let path = format!("projects/{}/", segment(project_id));
-        let p = self
-            .get_json(&path)?
-            .ok_or_else(|| EffectError::permanent(format!("Plane project {project_id} not found")))?;
+        let p = self.get_json(&path)?.ok_or_else(|| {
+            EffectError::permanent(format!("Plane project {project_id} not found"))
+        })?;
         p.get("identifier")
             .and_then(Value::as_str)
             .map(String::from)
@@ -263,13 +269,20 @@ impl<'a> PlaneClient<'a> {
     }
 
     /// One work item; `None` when Plane answers 404 (deleted).
-    pub fn issue(&self, project_id: &str, issue_id: &str) -> Result<Option<PlaneIssue>, EffectError> {
+    pub fn issue(
+        &self,
+        project_id: &str,
+        issue_id: &str,
+    ) -> Result<Option<PlaneIssue>, EffectError> {
         let path = format!(
             "projects/{}/issues/{}/?expand=state",
             segment(project_id),
             segment(issue_id)
         );
-        Ok(self.get_json(&path)?.as_ref().and_then(PlaneIssue::from_json))
+        Ok(self
+            .get_json(&path)?
+            .as_ref()
+            .and_then(PlaneIssue::from_json))
     }
 
     /// Adds a comment; 409 (same `external_id` already posted) counts as done.
@@ -294,7 +307,8 @@ impl<'a> PlaneClient<'a> {
         match a.status {
             200 | 201 => Ok(CommentOutcome::Posted),
             409 => Ok(CommentOutcome::AlreadyPosted),
-            400 | 403 | 404 => Err(EffectError::permanent(format!(
+            404 => Ok(CommentOutcome::IssueGone),
+            400 | 403 => Err(EffectError::permanent(format!(
                 "Plane refused the comment (HTTP {})",
                 a.status
             ))),
@@ -334,9 +348,14 @@ mod tests {
 
     #[test]
     fn issue_state_as_uuid_or_expanded_object() {
-        let plain: Value = serde_json::from_str(include_str!("../../tests/fixtures/plane/issue_get.json")).unwrap();
+        let plain: Value =
+            serde_json::from_str(include_str!("../../tests/fixtures/plane/issue_get.json"))
+                .unwrap();
         let i = PlaneIssue::from_json(&plain).unwrap();
-        assert_eq!(i.state_id.as_deref(), Some("aaaaaaaa-aaaa-4aaa-8aaa-000000000004"));
+        assert_eq!(
+            i.state_id.as_deref(),
+            Some("aaaaaaaa-aaaa-4aaa-8aaa-000000000004")
+        );
         assert_eq!(i.sequence_id, Some(42));
         let expanded: Value = serde_json::from_str(include_str!(
             "../../tests/fixtures/plane/issue_get_expand_state.json"

@@ -263,11 +263,7 @@ pub fn kill_group_now(pgid: i64) {
 
 /// Starts `argv` detached: a new session (so its own process group), stdin from
 /// /dev/null, stdout and stderr appended to `log`. Returns its pid and start time.
-pub fn spawn_detached(
-    argv: &[String],
-    env: &[(String, String)],
-    log: &Path,
-) -> Result<(i64, i64)> {
+pub fn spawn_detached(argv: &[String], env: &[(String, String)], log: &Path) -> Result<(i64, i64)> {
     let (program, args) = argv
         .split_first()
         .context("--exec needs a command after `--`")?;
@@ -364,8 +360,18 @@ pub fn run_limited(
             String::from_utf8_lossy(&buf).into_owned()
         })
     };
-    let out = drain(child.stdout.take().map(|p| Box::new(p) as Box<dyn Read + Send>));
-    let err = drain(child.stderr.take().map(|p| Box::new(p) as Box<dyn Read + Send>));
+    let out = drain(
+        child
+            .stdout
+            .take()
+            .map(|p| Box::new(p) as Box<dyn Read + Send>),
+    );
+    let err = drain(
+        child
+            .stderr
+            .take()
+            .map(|p| Box::new(p) as Box<dyn Read + Send>),
+    );
     let deadline = Instant::now() + limit;
     let mut pause = Duration::from_millis(1);
     let status = loop {
@@ -377,7 +383,10 @@ pub fn run_limited(
             let _ = child.wait();
             let _ = out.join();
             let _ = err.join();
-            anyhow::bail!("{program} ran longer than {:.1}s and was killed", limit.as_secs_f64());
+            anyhow::bail!(
+                "{program} ran longer than {:.1}s and was killed",
+                limit.as_secs_f64()
+            );
         }
         std::thread::sleep(pause);
         pause = (pause * 2).min(Duration::from_millis(25));
@@ -427,7 +436,11 @@ mod tests {
     #[test]
     fn refuses_init_and_nonsense_pids() {
         for pid in [-5, 0, 1] {
-            assert!(stop_agent(pid, Some(1), Duration::ZERO).unwrap_err().permanent);
+            assert!(
+                stop_agent(pid, Some(1), Duration::ZERO)
+                    .unwrap_err()
+                    .permanent
+            );
         }
     }
 

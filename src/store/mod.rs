@@ -144,7 +144,10 @@ impl Store {
             .query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))
             .with_context(|| format!("switching {} to WAL mode", path.display()))?;
         if !mode.eq_ignore_ascii_case("wal") && !mode.eq_ignore_ascii_case("memory") {
-            anyhow::bail!("{} could not be put in WAL mode (got {mode})", path.display());
+            anyhow::bail!(
+                "{} could not be put in WAL mode (got {mode})",
+                path.display()
+            );
         }
         // The common case costs one pragma read: no transaction when already current.
         if version < schema::current_version() {
@@ -183,7 +186,8 @@ impl Store {
     /// Applies every pending migration in one transaction; a failure rolls back whole.
     pub fn migrate(&self) -> Result<MigrateReport> {
         self.write(|w| {
-            let from = w.c.query_row("PRAGMA user_version", [], |r| r.get::<_, i64>(0))?;
+            let from =
+                w.c.query_row("PRAGMA user_version", [], |r| r.get::<_, i64>(0))?;
             self.check_not_newer(from)?;
             for (i, m) in schema::MIGRATIONS.iter().enumerate().skip(from as usize) {
                 m(w.c).with_context(|| format!("migration {} failed", i + 1))?;
@@ -317,6 +321,22 @@ impl<'c> Reader<'c> {
             .query_row([reference], task_row)
             .optional()
             .with_context(|| format!("looking up task {reference:?}"))
+    }
+
+    /// The task mirroring Plane issue `issue_id` (by `plane_id`, else `plane_issue_id`).
+    /// Unlike [`Reader::find_task`] a number is never read as a task id: a payload cannot
+    /// name an arbitrary task. Tombstoned keys no longer match.
+    pub fn find_task_by_plane_issue(&self, issue_id: &str) -> Result<Option<Task>> {
+        self.c
+            .prepare_cached(&format!(
+                "SELECT {TASK_COLS} FROM tasks WHERE id = (
+                     SELECT id FROM tasks WHERE plane_id = ?1
+                     UNION ALL SELECT id FROM tasks WHERE plane_issue_id = ?1
+                     LIMIT 1)"
+            ))?
+            .query_row([issue_id], task_row)
+            .optional()
+            .with_context(|| format!("looking up the task of Plane issue {issue_id:?}"))
     }
 
     /// The id of a cancelled task whose tombstoned key was `reference` (for a hint: the
@@ -678,7 +698,9 @@ impl<'c> Reader<'c> {
     /// A cached Plane state name.
     pub fn plane_state_name(&self, project_id: &str, state_id: &str) -> Result<Option<String>> {
         self.c
-            .prepare_cached("SELECT name FROM plane_states WHERE project_id = ?1 AND state_id = ?2")?
+            .prepare_cached(
+                "SELECT name FROM plane_states WHERE project_id = ?1 AND state_id = ?2",
+            )?
             .query_row([project_id, state_id], |r| r.get(0))
             .optional()
             .context("reading the Plane state cache")
@@ -735,7 +757,9 @@ impl<'c> Writer<'c> {
 
     pub fn add_dep(&self, task_id: i64, depends_on: i64) -> Result<()> {
         self.c
-            .prepare_cached("INSERT OR IGNORE INTO task_deps (task_id, depends_on) VALUES (?1, ?2)")?
+            .prepare_cached(
+                "INSERT OR IGNORE INTO task_deps (task_id, depends_on) VALUES (?1, ?2)",
+            )?
             .execute([task_id, depends_on])
             .context("recording a dependency")?;
         Ok(())
@@ -953,7 +977,13 @@ impl<'c> Writer<'c> {
     }
 
     /// Records the launched agent of a run; false when the run is no longer running.
-    pub fn record_launch(&self, job_id: i64, run_id: i64, pid: i64, proc_start: i64) -> Result<bool> {
+    pub fn record_launch(
+        &self,
+        job_id: i64,
+        run_id: i64,
+        pid: i64,
+        proc_start: i64,
+    ) -> Result<bool> {
         let n = self
             .c
             .prepare_cached(
@@ -984,7 +1014,12 @@ impl<'c> Writer<'c> {
     }
 
     /// Puts a run's job back in the queue for another attempt (guarded like `finish_run`).
-    pub fn requeue_run(&self, job_id: i64, run_id: Option<i64>, error: Option<&str>) -> Result<bool> {
+    pub fn requeue_run(
+        &self,
+        job_id: i64,
+        run_id: Option<i64>,
+        error: Option<&str>,
+    ) -> Result<bool> {
         let n = self
             .c
             .prepare_cached(

@@ -27,7 +27,10 @@ pub struct Env {
 
 impl Env {
     pub fn new() -> Env {
-        let dir = tempfile::Builder::new().prefix("orchctl-test-").tempdir().unwrap();
+        let dir = tempfile::Builder::new()
+            .prefix("orchctl-test-")
+            .tempdir()
+            .unwrap();
         let db = dir.path().join("state/orch.db");
         let repos = dir.path().join("repos");
         let logs = dir.path().join("logs");
@@ -155,7 +158,13 @@ impl Env {
     }
 
     /// The seed's `_make_task`: a task inserted with plain SQL.
-    pub fn make_task(&self, plane_id: &str, work_item: &str, stage: &str, branch: Option<&str>) -> i64 {
+    pub fn make_task(
+        &self,
+        plane_id: &str,
+        work_item: &str,
+        stage: &str,
+        branch: Option<&str>,
+    ) -> i64 {
         self.make_task_in(plane_id, work_item, stage, "orchestrator", branch)
     }
 
@@ -181,7 +190,13 @@ impl Env {
     }
 
     /// The seed's `_make_job`.
-    pub fn make_job(&self, task_id: i64, status: &str, pid: Option<i64>, run_id: Option<i64>) -> i64 {
+    pub fn make_job(
+        &self,
+        task_id: i64,
+        status: &str,
+        pid: Option<i64>,
+        run_id: Option<i64>,
+    ) -> i64 {
         self.make_job_full(task_id, "developer", status, pid, None, run_id, 1, 2)
     }
 
@@ -210,7 +225,9 @@ impl Env {
 
     pub fn job_status(&self, job_id: i64) -> String {
         self.sql()
-            .query_row("SELECT status FROM jobs WHERE id = ?1", [job_id], |r| r.get(0))
+            .query_row("SELECT status FROM jobs WHERE id = ?1", [job_id], |r| {
+                r.get(0)
+            })
             .unwrap()
     }
 
@@ -240,7 +257,11 @@ impl Agent {
             .stdout(Stdio::null())
             .stderr(Stdio::null());
         unsafe {
-            cmd.pre_exec(|| nix::unistd::setsid().map(|_| ()).map_err(std::io::Error::from));
+            cmd.pre_exec(|| {
+                nix::unistd::setsid()
+                    .map(|_| ())
+                    .map_err(std::io::Error::from)
+            });
         }
         let child = cmd.spawn().unwrap();
         let pid = child.id() as i64;
@@ -366,7 +387,11 @@ impl GitRepo {
             .arg(&clone)
             .output()
             .unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         git(&clone, &["checkout", "-q", "-b", "main"]);
         std::fs::write(clone.join("README.md"), "hello\n").unwrap();
         git(&clone, &["add", "."]);
@@ -378,13 +403,18 @@ impl GitRepo {
 
     /// A branch with a worktree under `<tmp>/worktrees`, one commit, pushed to the remote.
     pub fn feature(&self, env: &Env, branch: &str) -> PathBuf {
-        let wt = env
-            .path()
-            .join("worktrees")
-            .join(branch.replace('/', "_"));
+        let wt = env.path().join("worktrees").join(branch.replace('/', "_"));
         git(
             &self.clone,
-            &["worktree", "add", "-q", "-b", branch, wt.to_str().unwrap(), "main"],
+            &[
+                "worktree",
+                "add",
+                "-q",
+                "-b",
+                branch,
+                wt.to_str().unwrap(),
+                "main",
+            ],
         );
         std::fs::write(wt.join("work.txt"), "agent work\n").unwrap();
         git(&wt, &["add", "."]);
@@ -394,11 +424,17 @@ impl GitRepo {
     }
 
     pub fn local_branches(&self) -> String {
-        git(&self.clone, &["branch", "--list", "--format=%(refname:short)"])
+        git(
+            &self.clone,
+            &["branch", "--list", "--format=%(refname:short)"],
+        )
     }
 
     pub fn remote_branches(&self) -> String {
-        git(&self.bare, &["branch", "--list", "--format=%(refname:short)"])
+        git(
+            &self.bare,
+            &["branch", "--list", "--format=%(refname:short)"],
+        )
     }
 
     pub fn worktree_list(&self) -> String {

@@ -269,15 +269,18 @@ fn run(cli: Cli) -> Result<Option<Output>> {
         Command::Queue(q) => laid_out(&queue::snapshot(&ctx, q.recent), render::queue)?,
         Command::Event(e) => {
             let body = read_body().context("reading the delivery body from stdin")?;
-            out(&event::handle(
-                &ctx,
-                &body,
-                &event::Delivery {
-                    delivery: e.delivery,
-                    event: e.event,
-                    signature: e.signature,
-                },
-            )?)?
+            laid_out(
+                &event::handle(
+                    &ctx,
+                    &body,
+                    &event::Delivery {
+                        delivery: e.delivery,
+                        event: e.event,
+                        signature: e.signature,
+                    },
+                )?,
+                render::event,
+            )?
         }
     };
     Ok(Some(output))

@@ -639,10 +639,14 @@ pub fn reconcile(v: &Value) -> String {
                 "plane",
                 match v.get("plane").filter(|p| !p.is_null()) {
                     Some(p) => Some(format!(
-                        "{} checked, {} stopped, {} deleted, {} requests",
+                        "{} checked, {} stopped, {} deferred, {} deleted, {} unlinked, \
+                         {} outside the stop scope, {} requests",
                         n(p, "checked"),
                         n(p, "stopped"),
+                        n(p, "deferred"),
                         n(p, "deleted"),
+                        n(p, "unlinked"),
+                        n(p, "stop_disabled"),
                         n(p, "requests")
                     )),
                     None => Some("not configured".into()),
@@ -710,6 +714,33 @@ pub fn finalize_deploy(v: &Value) -> String {
         out.push('\n');
         out.push_str(&effects_table(effects));
     }
+    out
+}
+
+/// `event`: what the delivery did, to which task.
+pub fn event(v: &Value) -> String {
+    let mut out = match opt(v, "note") {
+        Some(note) => format!("{} ({note})\n", s(v, "action")),
+        None => format!("{}\n", s(v, "action")),
+    };
+    let task = v
+        .get("task")
+        .filter(|t| !t.is_null())
+        .map(|t| format!("{}  {}", task_name(t), s(t, "stage")));
+    let job = v
+        .get("job")
+        .filter(|j| !j.is_null())
+        .map(|j| format!("{} ({}, {})", j["id"], s(j, "agent"), s(j, "status")));
+    out.push_str(&facts(
+        &[
+            ("state", opt(v, "state")),
+            ("task", task),
+            ("job", job),
+            ("event", opt(v, "event")),
+            ("delivery", opt(v, "delivery")),
+        ],
+        2,
+    ));
     out
 }
 
@@ -985,6 +1016,7 @@ mod tests {
                 finalize_deploy,
                 migrate,
                 queue,
+                event,
                 generic,
             ] {
                 let _ = f(&v);

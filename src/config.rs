@@ -24,6 +24,47 @@ pub const SECRET_VARS: [&str; 3] = [
 /// The longest duration any `ORCH_*` variable may ask for: one day.
 pub const MAX_SECS: i64 = 86_400;
 
+/// Every configuration variable as `(name, default, meaning)`, for people: README's table,
+/// the example environment file (scripts/orchctl.env) and the man page are checked against
+/// it and against the names this module reads (tests/docs.rs). An empty default means
+/// unset. Per-command flags have variables of their own, shown by `--help`.
+#[rustfmt::skip]
+pub const VARIABLES: &[(&str, &str, &str)] = &[
+    ("ORCH_DB_PATH", "$XDG_STATE_HOME/orchctl/orch.db", "the SQLite database (same as --db); its folder is created"),
+    ("ORCH_FORMAT", "text on a terminal, else json", "output format: json or text (same as --format)"),
+    ("ORCH_REPOS_DIR", "$XDG_STATE_HOME/orchctl/repos", "where the clones live: <dir>/<repo>; worktrees are removed from them"),
+    ("ORCH_LOG_DIR", "$XDG_STATE_HOME/orchctl/logs", "agent output of claim --exec: job-<id>-run-<run>.log"),
+    ("ORCH_GITEA_URL", "", "Gitea base URL; unset = remote branches are deleted with git push --delete"),
+    ("ORCH_GITEA_OWNER", "", "owner (user or organisation) of the repos on Gitea; required with ORCH_GITEA_URL"),
+    ("ORCH_GITEA_TOKEN", "", "Gitea API token (secret; needs write access to the repos)"),
+    ("ORCH_PROTECTED_BRANCHES", "", "comma-separated globs of branches never deleted; main, master and the default branch always are"),
+    ("ORCH_PLANE_URL", "", "Plane base URL; unset = the Plane integration is off and comments are skipped"),
+    ("ORCH_PLANE_WORKSPACE", "", "Plane workspace slug; required with ORCH_PLANE_URL"),
+    ("ORCH_PLANE_API_TOKEN", "", "Plane API key, sent as X-Api-Key (secret)"),
+    ("ORCH_PLANE_WEBHOOK_SECRET", "", "Plane webhook secret; when set every delivery must carry a valid signature (secret)"),
+    ("ORCH_PLANE_BOT_USER_ID", "", "the Plane user orchctl acts as: its own changes are ignored"),
+    ("ORCH_REPO_MAP", "", "<plane project id>=<repo>,... : the repo of a new task"),
+    ("ORCH_DEFAULT_REPO", "", "the repo of a new task whose project is not in ORCH_REPO_MAP"),
+    ("ORCH_PROJECT_IDENTIFIERS", "", "<plane project id>=<IDENT>,... : the ORCH in ORCH-310 (else asked from Plane)"),
+    ("ORCH_STATE_STOP", "STOP", "Plane state that stops a task"),
+    ("ORCH_STATE_TO_ANALYSE", "To Analyse", "Plane state that starts a pipeline"),
+    ("ORCH_STATE_APPROVED", "Approved", "Plane state that approves an analysis"),
+    ("ORCH_STATE_REJECTED", "Rejected", "Plane state that sends work back"),
+    ("ORCH_STATE_CONFIRM_DEPLOY", "Confirm Deploy", "Plane state that starts the deployer"),
+    ("ORCH_STOP_ENABLED", "on", "kill switch of Plane's STOP state (an operator's orchctl stop always applies)"),
+    ("ORCH_STOP_REPOS", "", "comma-separated repos Plane's STOP applies to; empty = all"),
+    ("ORCH_STOP_GRACE_SECS", "10", "seconds between SIGTERM and SIGKILL when an agent is stopped"),
+    ("ORCH_SERIAL_GATE", "on", "one deploy per repo: a deployer job needs the repo's merge lease"),
+    ("ORCH_TASK_DEPS", "on", "a task's jobs wait until the tasks it depends on are done"),
+    ("ORCH_NOTIFY_CMD", "", "command run with each notification as JSON on stdin (split like a shell, never run by one)"),
+    ("ORCH_OUTBOX_MAX_ATTEMPTS", "10", "tries of a side effect before it is marked failed"),
+    ("ORCH_OUTBOX_BACKOFF_SECS", "15", "first retry delay of a side effect; doubles per try, at most an hour"),
+    ("ORCH_BUSY_TIMEOUT_MS", "5000", "how long to wait for a busy database before giving up (exit 75)"),
+    ("ORCH_CLAIM_TIMEOUT_SECS", "3600", "a running job without a pid counts as dead after this long"),
+    ("ORCH_HTTP_TIMEOUT_SECS", "10", "bound on each request to Gitea or Plane"),
+    ("ORCH_GIT_TIMEOUT_SECS", "60", "bound on each git command"),
+];
+
 /// A token or key: usable, never printable.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Secret(String);

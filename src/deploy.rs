@@ -14,7 +14,7 @@ use serde_json::json;
 use crate::error::{temp_fail, Coded, ExitKind};
 use crate::model::{Job, Lease, Task};
 use crate::outbox::{self, EffectReport};
-use crate::stop::{self, Source, StopOptions};
+use crate::stop::{self, StopOptions};
 use crate::store::{LeaseOutcome, Writer};
 use crate::{tasks, Ctx};
 
@@ -166,12 +166,7 @@ pub fn finalize_tx(
     let note = if task.is_terminal() {
         format!("already-terminal:{}", task.stage)
     } else if task.cancel_requested_at.is_some() {
-        let opts = StopOptions {
-            reason: task.cancel_reason.clone(),
-            force: true,
-            source: Source::Deferred,
-        };
-        stop::full_reset_tx(w, &ctx.config, task, &opts)?;
+        stop::full_reset_tx(w, &ctx.config, task, &StopOptions::deferred(task))?;
         "cancelled".into()
     } else if task.stage != "deploy" {
         "not-in-deploy".into()

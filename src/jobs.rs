@@ -18,7 +18,7 @@ use crate::integrations::process::{self, Liveness};
 use crate::model::{Job, Task};
 use crate::outbox::{self, EffectReport};
 use crate::pipeline;
-use crate::stop::{self, Source, StopOptions};
+use crate::stop;
 use crate::store::Writer;
 use crate::Ctx;
 
@@ -41,26 +41,6 @@ pub struct CompleteResult {
     pub effects: Vec<EffectReport>,
 }
 
-/// Applies a deferred STOP once the task's critical window has closed (inside `w`).
-fn apply_deferred_if_window_closed(w: &Writer, ctx: &Ctx, task_id: i64) -> Result<bool> {
-    let Some(task) = w.task(task_id)? else {
-        return Ok(false);
-    };
-    if task.is_terminal()
-        || task.cancel_requested_at.is_none()
-        || stop::in_critical_window(w, &task)?
-    {
-        return Ok(false);
-    }
-    let opts = StopOptions {
-        reason: task.cancel_reason.clone(),
-        force: true,
-        source: Source::Deferred,
-    };
-    stop::full_reset_tx(w, &ctx.config, &task, &opts)?;
-    Ok(true)
-}
-
 /// Records the outcome of run `run_id` of job `job_id`.
 pub fn complete(
     ctx: &Ctx,
@@ -79,10 +59,7 @@ pub fn complete(
             Some(t) => w.task(t)?,
             None => None,
         };
-        let stopping = task
-            .as_ref()
-            .map(|t| t.is_terminal() || t.cancel_requested_at.is_some())
-            .unwrap_or(false);
+        let stopping = task.as_ref().is_some_and(Task::is_stopping);
         let mut next_job = None;
         let note = match outcome {
             RunOutcome::Success => {
@@ -127,7 +104,7 @@ pub fn complete(
             }
         };
         let note = match job.task_id {
-            Some(t) if apply_deferred_if_window_closed(w, ctx, t)? => "cancelled".to_string(),
+            Some(t) if stop::apply_deferred_tx(w, &ctx.config, t)? => "cancelled".to_string(),
             _ => note,
         };
         Ok((note, next_job, job.task_id))
@@ -275,10 +252,7 @@ pub fn reap_unknown_outcome(w: &Writer, job: &Job, reason: &str) -> Result<Optio
         Some(t) => w.task(t)?,
         None => None,
     };
-    let stopping = task
-        .as_ref()
-        .map(|t| t.is_terminal() || t.cancel_requested_at.is_some())
-        .unwrap_or(false);
+    let stopping = task.as_ref().is_some_and(Task::is_stopping);
     let (action, changed) = if stopping {
         (
             "cancelled",
@@ -328,9 +302,7 @@ pub fn reap(ctx: &Ctx, opts: ReapOptions) -> Result<ReapReport> {
                         Some(t) => r.task(t)?,
                         None => None,
                     };
-                    let stopping = task
-                        .map(|t| t.is_terminal() || t.cancel_requested_at.is_some())
-                        .unwrap_or(false);
+                    let stopping = task.as_ref().is_some_and(Task::is_stopping);
                     let action = if stopping {
                         "cancelled"
                     } else if job.attempts < job.max_attempts {
@@ -348,7 +320,7 @@ pub fn reap(ctx: &Ctx, opts: ReapOptions) -> Result<ReapReport> {
             for (job, reason) in dead {
                 let action = reap_unknown_outcome(w, &job, &reason)?;
                 let applied = match job.task_id {
-                    Some(t) => apply_deferred_if_window_closed(w, ctx, t)?,
+                    Some(t) => stop::apply_deferred_tx(w, &ctx.config, t)?,
                     None => false,
                 };
                 out.push((job, reason, action, applied));

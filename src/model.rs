@@ -34,6 +34,11 @@ impl Task {
         crate::pipeline::is_terminal(&self.stage)
     }
 
+    /// Terminal, or a deferred STOP is pending: its jobs must not run again.
+    pub fn is_stopping(&self) -> bool {
+        self.is_terminal() || self.cancel_requested_at.is_some()
+    }
+
     /// The work item id without its tombstone (deploy markers are keyed by it).
     pub fn original_work_item(&self) -> Option<&str> {
         self.work_item_id.as_deref().map(untombstoned)

@@ -437,17 +437,14 @@ fn execute(c: &Config, row: &OutboxRow, effect: &Effect) -> Executed {
                 return Ok(("skipped: the task has no Plane issue".into(), None));
             };
             let client = plane::PlaneClient::new(p, c.http_timeout, std::time::Duration::ZERO);
-            // Unique per outbox row, stable across its retries: a retry after a lost answer
-            // gets 409 instead of a second comment.
-            let external_id = format!(
-                "orchctl-{}-{}",
-                row.id,
-                short_hash(&format!("{}/{project}/{issue}", row.created_at))
-            );
+            let external_id = comment_external_id(row, project, issue);
             match client.add_comment(project, issue, html, &external_id)? {
                 plane::CommentOutcome::Posted => Ok(("comment posted".into(), None)),
                 plane::CommentOutcome::AlreadyPosted => {
                     Ok(("comment was already posted".into(), None))
+                }
+                plane::CommentOutcome::IssueGone => {
+                    Ok(("skipped: the Plane issue no longer exists".into(), None))
                 }
             }
         }
@@ -476,6 +473,16 @@ fn execute(c: &Config, row: &OutboxRow, effect: &Effect) -> Executed {
             Ok(("notify command ran".into(), None))
         }
     }
+}
+
+/// The `external_id` of a Plane comment effect: unique per outbox row and stable across
+/// its retries, so a retry after a lost answer gets 409 instead of posting twice.
+pub fn comment_external_id(row: &OutboxRow, project: &str, issue: &str) -> String {
+    format!(
+        "orchctl-{}-{}",
+        row.id,
+        short_hash(&format!("{}/{project}/{issue}", row.created_at))
+    )
 }
 
 fn check_names(repo: &str, branch: &str) -> Result<(), EffectError> {

@@ -10,7 +10,7 @@ use serde::Serialize;
 use serde_json::json;
 
 use crate::outbox::{self, OutboxPass};
-use crate::stop::{self, Source, StopOptions};
+use crate::stop;
 use crate::Ctx;
 
 #[derive(Debug, Clone, Serialize)]
@@ -45,24 +45,9 @@ pub fn reconcile(ctx: &Ctx) -> Result<ReconcileReport> {
     };
 
     for task in ctx.store.read(|r| r.pending_cancels())? {
-        let applied = ctx.store.write(|w| {
-            let Some(t) = w.task(task.id)? else {
-                return Ok(false);
-            };
-            if t.is_terminal()
-                || t.cancel_requested_at.is_none()
-                || stop::in_critical_window(w, &t)?
-            {
-                return Ok(false);
-            }
-            let opts = StopOptions {
-                reason: t.cancel_reason.clone(),
-                force: true,
-                source: Source::Deferred,
-            };
-            stop::full_reset_tx(w, &ctx.config, &t, &opts)?;
-            Ok(true)
-        });
+        let applied = ctx
+            .store
+            .write(|w| stop::apply_deferred_tx(w, &ctx.config, task.id));
         match applied {
             Ok(true) => {
                 report.deferred_applied += 1;

@@ -56,6 +56,15 @@ impl StopOptions {
         }
     }
 
+    /// The forced reset that applies a deferred STOP, with the reason it was given.
+    pub fn deferred(task: &Task) -> Self {
+        StopOptions {
+            reason: task.cancel_reason.clone(),
+            force: true,
+            source: Source::Deferred,
+        }
+    }
+
     fn reason(&self) -> String {
         self.reason
             .clone()
@@ -208,6 +217,20 @@ fn defer_tx(w: &Writer, config: &Config, task: &Task, opts: &StopOptions) -> Res
         first,
         jobs_cancelled: cancelled.len(),
     })
+}
+
+/// Applies a pending deferred STOP of `task_id` as a forced full reset (`source:
+/// deferred`) when its critical window has closed, inside the caller's transaction.
+/// Returns whether it did; the caller runs the outbox after commit.
+pub fn apply_deferred_tx(w: &Writer, config: &Config, task_id: i64) -> Result<bool> {
+    let Some(task) = w.task(task_id)? else {
+        return Ok(false);
+    };
+    if task.is_terminal() || task.cancel_requested_at.is_none() || in_critical_window(w, &task)? {
+        return Ok(false);
+    }
+    full_reset_tx(w, config, &task, &StopOptions::deferred(&task))?;
+    Ok(true)
 }
 
 /// The full reset's transaction (SPEC §3 4.1), usable inside any write: cancels every

@@ -1,7 +1,11 @@
+mod cli;
 mod common;
+mod docs;
+mod event;
 mod fault;
 mod hostile;
 mod lifecycle;
+mod queue;
 mod reliability;
 mod secrets;
 mod stop;

@@ -323,6 +323,22 @@ impl<'c> Reader<'c> {
             .with_context(|| format!("looking up task {reference:?}"))
     }
 
+    /// The task mirroring Plane issue `issue_id` (by `plane_id`, else `plane_issue_id`).
+    /// Unlike [`Reader::find_task`] a number is never read as a task id: a payload cannot
+    /// name an arbitrary task. Tombstoned keys no longer match.
+    pub fn find_task_by_plane_issue(&self, issue_id: &str) -> Result<Option<Task>> {
+        self.c
+            .prepare_cached(&format!(
+                "SELECT {TASK_COLS} FROM tasks WHERE id = (
+                     SELECT id FROM tasks WHERE plane_id = ?1
+                     UNION ALL SELECT id FROM tasks WHERE plane_issue_id = ?1
+                     LIMIT 1)"
+            ))?
+            .query_row([issue_id], task_row)
+            .optional()
+            .with_context(|| format!("looking up the task of Plane issue {issue_id:?}"))
+    }
+
     /// The id of a cancelled task whose tombstoned key was `reference` (for a hint: the
     /// key itself no longer resolves).
     pub fn find_tombstoned(&self, reference: &str) -> Result<Option<i64>> {
@@ -578,8 +594,11 @@ impl<'c> Reader<'c> {
 
     /// Side effects not done (pending or failed), newest first.
     pub fn open_effects(&self, limit: i64) -> Result<Vec<OutboxRow>> {
+        // `status <> 'done'` repeats the partial index's condition so the planner may use
+        // it: otherwise this scans every side effect ever run.
         let mut stmt = self.c.prepare_cached(&format!(
-            "SELECT {OUTBOX_COLS} FROM outbox WHERE status IN ('pending', 'failed')
+            "SELECT {OUTBOX_COLS} FROM outbox
+             WHERE status IN ('pending', 'failed') AND status <> 'done'
              ORDER BY id DESC LIMIT ?1"
         ))?;
         let rows = stmt
@@ -588,10 +607,12 @@ impl<'c> Reader<'c> {
         Ok(rows)
     }
 
+    /// How many side effects are `pending` or `failed` (never counts `done`).
     pub fn count_effects(&self, status: &str) -> Result<i64> {
         Ok(self
             .c
-            .prepare_cached("SELECT count(*) FROM outbox WHERE status = ?1")?
+            // See open_effects: a bound status alone cannot use the partial index.
+            .prepare_cached("SELECT count(*) FROM outbox WHERE status = ?1 AND status <> 'done'")?
             .query_row([status], |r| r.get(0))?)
     }
 
@@ -617,13 +638,24 @@ impl<'c> Reader<'c> {
         Ok(rows)
     }
 
+    /// Whether any task dependency was ever recorded.
+    pub fn has_deps(&self) -> Result<bool> {
+        Ok(self
+            .c
+            .prepare_cached("SELECT EXISTS(SELECT 1 FROM task_deps)")?
+            .query_row([], |r| r.get(0))?)
+    }
+
     /// Live tasks whose dependencies are not all done.
     pub fn blocked_tasks(&self, limit: i64) -> Result<Vec<(i64, Vec<i64>)>> {
+        // Starting from the live stages (by index) bounds the work by the tasks in flight,
+        // not by every dependency ever recorded.
         let mut stmt = self.c.prepare_cached(
-            "SELECT d.task_id, group_concat(d.depends_on) FROM task_deps d
-             JOIN tasks t ON t.id = d.task_id
+            "SELECT d.task_id, group_concat(d.depends_on) FROM tasks t
+             JOIN task_deps d ON d.task_id = t.id
              LEFT JOIN tasks dt ON dt.id = d.depends_on
-             WHERE t.stage NOT IN ('done', 'cancelled') AND dt.stage IS NOT 'done'
+             WHERE t.stage IN ('analysis', 'development', 'review', 'deploy')
+               AND dt.stage IS NOT 'done'
              GROUP BY d.task_id ORDER BY d.task_id LIMIT ?1",
         )?;
         let rows = stmt

@@ -114,10 +114,11 @@ fn main() -> ExitCode {
                 // `orchctl` or `orchctl task` alone: the help is the useful answer.
                 let _ = e.print();
             } else {
+                // clap quotes the offending argument, which may be a pasted token.
                 let (message, hint) = usage_error(&e);
-                eprintln!("orchctl: {message}");
+                eprintln!("orchctl: {}", scrub_env(&message));
                 if let Some(h) = hint {
-                    eprintln!("orchctl: hint: {h}");
+                    eprintln!("orchctl: hint: {}", scrub_env(&h));
                 }
             }
             return ExitCode::from(ExitKind::Usage.code());

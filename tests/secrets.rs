@@ -221,6 +221,7 @@ fn no_token_reaches_any_output_log_child_environment_or_database_row() {
     assert_eq!(seen.run(&env, &["task", "show", GITEA_TOKEN]).0, 1);
     assert_eq!(seen.run(&env, &["stop", PLANE_TOKEN]).0, 0);
     assert_eq!(seen.run(&env, &["claim", "--repo", "../x"]).0, 65);
+    assert_eq!(seen.run(&env, &["task", "show", "1", GITEA_TOKEN]).0, 2);
     env.unset("ORCH_GITEA_OWNER");
     assert_eq!(seen.run(&env, &["queue"]).0, 78);
     env.set("ORCH_GITEA_OWNER", "acme")

@@ -1,31 +1,68 @@
 //! The command line (SPEC §11): clap types only. They also feed the man pages and the
-//! shell completions, so every help text here is user documentation.
+//! shell completions (`cargo run --example generate-docs`), so every help text here is user
+//! documentation. Parsing goes through [`parse`] / [`command`], which add what every
+//! command shares (exit codes under the help, environment values never shown).
 
+use std::ffi::OsString;
 use std::path::PathBuf;
 
-use clap::{ArgGroup, Args, Parser, Subcommand, ValueEnum};
+use clap::builder::FalseyValueParser;
+use clap::{ArgGroup, Args, FromArgMatches, Parser, Subcommand, ValueEnum};
 
-const EXIT_CODES: &str = "\
-Exit codes:
-  0   ok (idempotent no-ops included)
-  1   failure
-  2   usage error
-  3   nothing to claim
-  65  bad input data (invalid name, malformed event)
-  75  temporary: database busy past the timeout, merge lease held — safe to retry
-  77  webhook signature missing or wrong
-  78  bad configuration, or a database newer than this binary
+/// The exit codes of SPEC §9, as `(code, meaning)`: shown by `--help` and the man pages
+/// (a test keeps README's table equal to this list).
+pub const EXIT_CODES: [(u8, &str); 8] = [
+    (0, "ok (idempotent no-ops included)"),
+    (1, "failure"),
+    (2, "usage error"),
+    (3, "nothing to claim"),
+    (65, "bad input data (invalid name, malformed event)"),
+    (
+        75,
+        "temporary: database busy past the timeout, merge lease held - safe to retry",
+    ),
+    (77, "webhook signature missing or wrong"),
+    (
+        78,
+        "bad configuration, or a database newer than this binary",
+    ),
+];
 
-Every flag can also be set by the ORCH_* variable shown with it; configuration
-variables (ORCH_REPOS_DIR, ORCH_GITEA_URL, ORCH_PLANE_URL, ...) are listed in README.md.";
+/// The exit code list as it appears under `orchctl --help`.
+pub fn exit_codes_help() -> String {
+    let mut s = String::from("Exit codes:\n");
+    for (code, meaning) in EXIT_CODES {
+        s.push_str(&format!("  {code:<3} {meaning}\n"));
+    }
+    s.push_str(
+        "\nEvery flag can also be set by the ORCH_* variable shown with it. The configuration\n\
+         variables (ORCH_REPOS_DIR, ORCH_GITEA_URL, ORCH_PLANE_URL, ...) are listed in\n\
+         README.md and in the example environment file scripts/orchctl.env.",
+    );
+    s
+}
+
+/// Shown under every subcommand's help: the full list lives under `orchctl --help`.
+const SUB_AFTER_HELP: &str = "Exit codes: 0 ok, 1 failure, 2 usage, 3 nothing to claim, \
+65 bad input, 75 temporary (retry), 77 bad signature, 78 bad configuration \
+(details: orchctl --help).";
 
 /// State keeper and control tool of an AI-agent delivery pipeline.
 ///
-/// Work items live in Plane, code in Gitea, agents run as OS processes, and all state is
-/// one SQLite file. Every command opens the file, does one transaction-shaped piece of
-/// work, prints its result (text on a terminal, JSON otherwise) and exits.
+/// Work items live in Plane, code in Gitea, agents (analyst, developer, reviewer,
+/// deployer) run as OS processes, and all state is one SQLite file. Every command opens the
+/// file, does one transaction-shaped piece of work, prints its result (text on a terminal,
+/// JSON otherwise) and exits. Cron runs `reap` and `reconcile`; a webhook shim pipes Plane
+/// deliveries into `event`; operators type `orchctl stop ORCH-310`.
 #[derive(Debug, Parser)]
-#[command(name = "orchctl", version, about, long_about, after_long_help = EXIT_CODES)]
+#[command(
+    name = "orchctl",
+    version,
+    about,
+    long_about,
+    after_help = exit_codes_help(),
+    arg_required_else_help = true
+)]
 pub struct Cli {
     /// The SQLite database [default: $XDG_STATE_HOME/orchctl/orch.db]
     #[arg(long, global = true, env = "ORCH_DB_PATH", value_name = "PATH")]
@@ -48,6 +85,9 @@ pub enum Format {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Apply pending schema migrations (every command does this first)
+    ///
+    /// Migrations are additive and idempotent; a database written by a newer orchctl is
+    /// refused untouched (exit 78).
     Migrate,
 
     /// Create, inspect and list tasks without Plane
@@ -56,39 +96,80 @@ pub enum Command {
 
     /// Stop a task: kill its agents, cancel its jobs, remove its worktree and branch
     ///
-    /// Keeps the task row and its docs, frees its keys, notifies, and never revives it.
-    /// Inside a merge/deploy window the stop is deferred and applied by finalize-deploy
-    /// (or reconcile) once the window closes, unless --force is given.
+    /// Stops every running agent of the task (SIGTERM to its process group, SIGKILL after
+    /// ORCH_STOP_GRACE_SECS; only a process whose start time matches the recorded one),
+    /// cancels its queued and running jobs, removes the branch's worktree and deletes the
+    /// remote branch, then notifies (Plane comment, ORCH_NOTIFY_CMD). The task row, the
+    /// main clone and its docs/work-items/<ID>/ are kept; the task's keys are freed so a
+    /// fresh pipeline can start for the same Plane issue; the task is never revived.
+    ///
+    /// Inside a merge/deploy window (deploy-begin ran, or the task's branch holds the merge
+    /// lease while one of its jobs runs) the stop is deferred: queued jobs are cancelled
+    /// now and finalize-deploy (or reconcile, once the window closes) applies the rest.
+    /// --force skips that check. A missing or finished task is a no-op (exit 0).
     Stop(StopArgs),
 
     /// Take the oldest eligible queued job and start a run of it (exit 3: none)
+    ///
+    /// Eligible: the task is live with no stop requested, its dependencies are done
+    /// (ORCH_TASK_DEPS) and, for the deployer under the serial gate (ORCH_SERIAL_GATE),
+    /// the repo's merge lease is free or already the task's. Concurrent claimers never
+    /// get the same job. With --exec the agent is started detached in its own session,
+    /// with ORCH_JOB_ID, ORCH_RUN_ID, ORCH_TASK_ID, ORCH_WORK_ITEM, ORCH_REPO, ORCH_BRANCH
+    /// and ORCH_DB_PATH set and its output in $ORCH_LOG_DIR/job-<id>-run-<run>.log.
     Claim(ClaimArgs),
 
     /// Record the outcome of a run
+    ///
+    /// Only the named run counts: a stale run id or a finished job changes nothing (note
+    /// stale-run). Success advances the pipeline; failure requeues the job while attempts
+    /// remain, else marks it failed.
     Complete(CompleteArgs),
 
-    /// Recover running jobs whose agent died
+    /// Recover running jobs whose agent died (run it from cron)
+    ///
+    /// A running job whose process is dead, missing or recycled is requeued while attempts
+    /// remain, else failed; a job of a stopped or finished task is cancelled. A job without
+    /// a pid is judged by age (ORCH_CLAIM_TIMEOUT_SECS). Cancelled jobs are never revived.
     Reap(ReapArgs),
 
     /// Cron safety net: deferred stops, orphaned leases, outbox retries, missed Plane STOPs
+    ///
+    /// Applies deferred stops whose window has closed, releases merge leases held by
+    /// finished or missing tasks, retries pending side effects with backoff and, with
+    /// Plane configured, applies STOPs whose webhook was missed. One failing task never
+    /// aborts the pass.
     Reconcile,
 
     /// Open the critical deploy window: take the merge lease, mark the deploy initiated
+    ///
+    /// Call it right before the irreversible merge/deploy step. Exit 75 when another
+    /// branch holds the repo's merge lease.
     DeployBegin(TaskRef),
 
     /// Close the deploy window and apply a deferred stop, or finish the task
     FinalizeDeploy(FinalizeArgs),
 
     /// A snapshot of queues, leases, dependencies, outbox and stops for dashboards
+    ///
+    /// Blocks: counts, serial_gate, task_deps, auto_labels, recent, outbox, stop. A block
+    /// that cannot be read shows its minimal form with an `error`; the command still
+    /// prints and exits 0.
     Queue(QueueArgs),
 
     /// Handle one Plane webhook delivery read from stdin
+    ///
+    /// The body is read raw (at most 1 MiB); with ORCH_PLANE_WEBHOOK_SECRET set the
+    /// signature is required and checked (exit 77). See docs/plane-webhook.md.
     Event(EventArgs),
 }
 
 #[derive(Debug, Subcommand)]
 pub enum TaskCommand {
     /// Create a task and queue the first job of its stage
+    ///
+    /// Prints {"task": ..., "job": ...}. A task added in deploy parks awaiting Confirm
+    /// Deploy without a job.
     Add(TaskAddArgs),
     /// Show a task with its jobs, lease, marker and side effects
     Show(TaskRef),
@@ -151,6 +232,15 @@ pub struct TaskListArgs {
     pub limit: i64,
 }
 
+// Switches take their variable too (SPEC §9: every flag has one), read with clap's "falsey"
+// rule: 0, false, off, no, n, f or empty leave the switch off, anything else turns it on.
+// They act on one invocation: never put them in a shared environment file.
+//
+// Three switches have none, on purpose: --success/--failure are one required choice and
+// --exec needs the command after `--`. clap counts a variable set to "0" as the switch
+// being given, so ORCH_COMPLETE_FAILURE=0 would turn `complete --success` into a usage
+// error; and none of them is configuration that an environment file could carry.
+
 #[derive(Debug, Args)]
 pub struct StopArgs {
     /// Task id, work item id (ORCH-310) or Plane issue id
@@ -160,7 +250,7 @@ pub struct StopArgs {
     #[arg(long, value_name = "TEXT", env = "ORCH_STOP_REASON")]
     pub reason: Option<String>,
     /// Skip the critical-window check: reset even during a deploy
-    #[arg(long)]
+    #[arg(long, env = "ORCH_STOP_FORCE", value_parser = FalseyValueParser::new())]
     pub force: bool,
 }
 
@@ -188,8 +278,8 @@ pub struct ClaimArgs {
 #[derive(Debug, Args)]
 #[command(group(ArgGroup::new("outcome").required(true).args(["success", "failure"])))]
 pub struct CompleteArgs {
-    /// Job id
-    #[arg(value_name = "JOB")]
+    /// Job id (an agent started with --exec has it in ORCH_JOB_ID)
+    #[arg(value_name = "JOB", env = "ORCH_JOB_ID")]
     pub job: i64,
     /// The run being completed (an agent started with --exec has it in ORCH_RUN_ID)
     #[arg(long, value_name = "R", env = "ORCH_RUN_ID")]
@@ -213,10 +303,10 @@ pub struct CompleteArgs {
 #[derive(Debug, Args)]
 pub struct ReapArgs {
     /// Report what would change, change nothing
-    #[arg(long)]
+    #[arg(long, env = "ORCH_REAP_DRY_RUN", value_parser = FalseyValueParser::new())]
     pub dry_run: bool,
-    /// Boot-time recovery: every running job is dead
-    #[arg(long)]
+    /// Boot-time recovery: every running job is dead (run once at boot, before agents)
+    #[arg(long, env = "ORCH_REAP_RECOVER", value_parser = FalseyValueParser::new())]
     pub recover: bool,
 }
 
@@ -238,7 +328,7 @@ pub struct FinalizeArgs {
 
 #[derive(Debug, Args)]
 pub struct QueueArgs {
-    /// How many recent jobs and cancelled tasks to list
+    /// How many recent jobs and cancelled tasks to list (at most 1000)
     #[arg(
         long,
         value_name = "N",
@@ -261,15 +351,89 @@ pub struct EventArgs {
     pub signature: Option<String>,
 }
 
-/// The clap command, for man pages, completions and the CLI self-check.
+/// The clap command, for parsing, man pages, completions and the CLI self-check.
+///
+/// On top of the derive: every subcommand shows the exit codes under its help, and no
+/// help shows the current value of an environment variable (help, man pages and
+/// completions must not depend on who runs them, and a value can be sensitive).
 pub fn command() -> clap::Command {
-    <Cli as clap::CommandFactory>::command()
+    fn finish(cmd: clap::Command, top: bool) -> clap::Command {
+        let mut cmd = cmd.mut_args(|a| a.hide_env_values(true));
+        if !top {
+            cmd = cmd.after_help(SUB_AFTER_HELP);
+        }
+        let subs: Vec<String> = cmd
+            .get_subcommands()
+            .map(|s| s.get_name().to_string())
+            .collect();
+        for name in subs {
+            cmd = cmd.mut_subcommand(name, |s| finish(s, false));
+        }
+        cmd
+    }
+    finish(<Cli as clap::CommandFactory>::command(), true)
+}
+
+/// Parses `args` (the program name first) with [`command`].
+pub fn try_parse_from<I, T>(args: I) -> Result<Cli, clap::Error>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<OsString> + Clone,
+{
+    let mut cmd = command();
+    let matches = cmd.try_get_matches_from_mut(args)?;
+    Cli::from_arg_matches(&matches).map_err(|e| e.format(&mut cmd))
+}
+
+/// Parses the process arguments.
+pub fn try_parse() -> Result<Cli, clap::Error> {
+    try_parse_from(std::env::args_os())
 }
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
     #[test]
     fn the_cli_definition_is_consistent() {
-        super::command().debug_assert();
+        command().debug_assert();
+    }
+
+    fn all(cmd: &clap::Command) -> Vec<clap::Command> {
+        let mut out = vec![cmd.clone()];
+        for s in cmd.get_subcommands() {
+            out.extend(all(s));
+        }
+        out
+    }
+
+    /// The switches that deliberately have no variable (see the comment above StopArgs).
+    const NO_VARIABLE: [&str; 3] = ["success", "failure", "exec"];
+
+    /// SPEC §9: every flag has an ORCH_* variable, and help never prints its value.
+    #[test]
+    fn every_flag_has_an_orch_variable() {
+        let mut cmd = command();
+        cmd.build();
+        for c in all(&cmd) {
+            for a in c.get_arguments() {
+                let id = a.get_id().as_str();
+                if id == "help" || id == "version" || a.get_long().is_none() {
+                    continue;
+                }
+                if NO_VARIABLE.contains(&id) {
+                    assert!(a.get_env().is_none(), "--{id}");
+                    continue;
+                }
+                let env = a.get_env().map(|e| e.to_string_lossy().into_owned());
+                assert!(
+                    env.as_deref().is_some_and(|e| e.starts_with("ORCH_")),
+                    "{} --{}: no ORCH_* variable",
+                    c.get_name(),
+                    a.get_long().unwrap()
+                );
+                assert!(a.is_hide_env_values_set(), "{} --{id}", c.get_name());
+            }
+        }
     }
 }

@@ -5,11 +5,11 @@ use std::io::{IsTerminal, Write};
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
-use clap::Parser;
 use serde::Serialize;
 use serde_json::{json, Value};
 
 use orchctl::cli::{Cli, Command, DeployOutcomeArg, Format, TaskCommand};
+use orchctl::config::scrub_env;
 use orchctl::error::{self, ExitKind};
 use orchctl::{claim, deploy, event, jobs, queue, reconcile, render, stop, tasks, Config, Ctx};
 
@@ -29,12 +29,99 @@ fn out<T: Serialize>(value: &T) -> Result<Output> {
     })
 }
 
+/// A result with its own text layout.
+fn laid_out<T: Serialize>(value: &T, text: fn(&Value) -> String) -> Result<Output> {
+    let mut o = out(value)?;
+    o.text = Some(text);
+    Ok(o)
+}
+
+/// A usage error as SPEC §9's one line, plus a hint line: clap's message without its
+/// `error:` prefix, with the indented details (missing arguments, possible values) joined
+/// in; clap's tips, the subcommand's usage and where its help is make the hint.
+fn usage_error(e: &clap::Error) -> (String, Option<String>) {
+    let rendered = e.render().to_string();
+    let mut lines = rendered.lines();
+    let mut message = lines
+        .next()
+        .unwrap_or_default()
+        .trim_start_matches("error: ")
+        .trim_end_matches(':')
+        .to_string();
+    let mut hints: Vec<String> = Vec::new();
+    let mut details: Vec<String> = Vec::new();
+    let mut path: Vec<String> = Vec::new();
+    for line in lines {
+        let t = line.trim();
+        if let Some(tip) = t.strip_prefix("tip: ") {
+            hints.push(tip.to_string());
+        } else if let Some(usage) = t.strip_prefix("Usage: ") {
+            // "orchctl task show [OPTIONS] <TASK>": the words before the first argument.
+            path = usage
+                .split_whitespace()
+                .take_while(|w| !w.starts_with(['-', '<', '[']))
+                .map(String::from)
+                .collect();
+        } else if t.is_empty() || t.starts_with("For more information") {
+            continue;
+        } else if line.starts_with(' ') {
+            details.push(t.to_string());
+        }
+    }
+    if !details.is_empty() {
+        message = format!("{message}: {}", details.join(", "));
+    }
+    // clap's own usage line lists the arguments given through the environment too, so the
+    // subcommand's plain usage is rendered again.
+    let mut cmd = orchctl::cli::command();
+    cmd.build();
+    let mut sub = &cmd;
+    if path.is_empty() {
+        // Some errors (an invalid value) carry no usage line: find the subcommand in argv.
+        path.push("orchctl".into());
+        for arg in std::env::args().skip(1).take_while(|a| a != "--") {
+            if let Some(s) = sub.find_subcommand(&arg) {
+                sub = s;
+                path.push(arg);
+            }
+        }
+    } else {
+        for name in path.iter().skip(1) {
+            match sub.find_subcommand(name) {
+                Some(s) => sub = s,
+                None => break,
+            }
+        }
+    }
+    let usage = sub.clone().render_usage().to_string();
+    let usage = usage.trim().trim_start_matches("Usage: ");
+    hints.push(format!("usage: {usage}"));
+    hints.push(format!("see '{} --help'", path.join(" ")));
+    (message, Some(hints.join("; ")))
+}
+
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
+    let cli = match orchctl::cli::try_parse() {
         Ok(c) => c,
         Err(e) => {
-            let _ = e.print();
-            return ExitCode::from(if e.use_stderr() { 2 } else { 0 });
+            use clap::error::ErrorKind;
+            if !e.use_stderr() {
+                // --help and --version.
+                let _ = e.print();
+                return ExitCode::SUCCESS;
+            }
+            if e.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
+                // `orchctl` or `orchctl task` alone: the help is the useful answer.
+                let _ = e.print();
+            } else {
+                // clap quotes the offending argument, which may be a pasted token.
+                let (message, hint) = usage_error(&e);
+                eprintln!("orchctl: {}", scrub_env(&message));
+                if let Some(h) = hint {
+                    eprintln!("orchctl: hint: {}", scrub_env(&h));
+                }
+            }
+            return ExitCode::from(ExitKind::Usage.code());
         }
     };
     let format = cli.format.unwrap_or(if std::io::stdout().is_terminal() {
@@ -47,9 +134,11 @@ fn main() -> ExitCode {
         Ok(None) => ExitCode::from(ExitKind::NothingToClaim.code()),
         Err(err) => {
             let kind = error::exit_kind(&err);
-            eprintln!("orchctl: {err:#}");
+            // Messages are built from names and ids, never tokens; scrubbing is the backstop
+            // for text that came from outside (git's stderr, a server's answer).
+            eprintln!("orchctl: {}", scrub_env(&format!("{err:#}")));
             if let Some(h) = error::hint(&err) {
-                eprintln!("orchctl: hint: {h}");
+                eprintln!("orchctl: hint: {}", scrub_env(&h));
             }
             ExitCode::from(kind.code())
         }
@@ -58,7 +147,7 @@ fn main() -> ExitCode {
 
 fn emit(output: Output, format: Format) -> ExitCode {
     if let Some(w) = &output.warning {
-        eprintln!("orchctl: warning: {w}");
+        eprintln!("orchctl: warning: {}", scrub_env(w));
     }
     let text = match format {
         Format::Json => format!("{}\n", output.json),
@@ -88,40 +177,40 @@ fn run(cli: Cli) -> Result<Option<Output>> {
     let db = cli.db.unwrap_or_else(orchctl::default_db_path);
     let ctx = Ctx::open(&db, config)?;
     let output = match cli.command {
-        Command::Migrate => out(&json!({
-            "ok": true,
-            "from": ctx.store.opened_version(),
-            "to": ctx.store.user_version()?,
-            "db": ctx.store.path(),
-        }))?,
-        Command::Task(TaskCommand::Add(a)) => out(&tasks::add(
-            &ctx,
-            &tasks::AddTask {
-                repo: a.repo,
-                work_item: a.work_item,
-                plane_id: a.plane_id,
-                project_id: a.project_id,
-                branch: a.branch,
-                title: a.title,
-                stage: Some(a.stage),
-                depends_on: a.depends_on,
-            },
-        )?)?,
-        Command::Task(TaskCommand::Show(t)) => out(&tasks::show(&ctx, &t.task)?)?,
-        Command::Task(TaskCommand::List(l)) => {
-            let mut o = out(&tasks::list(
+        Command::Migrate => laid_out(
+            &json!({
+                "ok": true,
+                "from": ctx.store.opened_version(),
+                "to": ctx.store.user_version()?,
+                "db": ctx.store.path(),
+            }),
+            render::migrate,
+        )?,
+        Command::Task(TaskCommand::Add(a)) => laid_out(
+            &tasks::add(
                 &ctx,
-                l.stage.as_deref(),
-                l.repo.as_deref(),
-                l.limit,
-            )?)?;
-            o.text = Some(render::task_list);
-            o
+                &tasks::AddTask {
+                    repo: a.repo,
+                    work_item: a.work_item,
+                    plane_id: a.plane_id,
+                    project_id: a.project_id,
+                    branch: a.branch,
+                    title: a.title,
+                    stage: Some(a.stage),
+                    depends_on: a.depends_on,
+                },
+            )?,
+            render::task_add,
+        )?,
+        Command::Task(TaskCommand::Show(t)) => {
+            laid_out(&tasks::show(&ctx, &t.task)?, render::task_show)?
         }
+        Command::Task(TaskCommand::List(l)) => laid_out(
+            &tasks::list(&ctx, l.stage.as_deref(), l.repo.as_deref(), l.limit)?,
+            render::task_list,
+        )?,
         Command::Task(TaskCommand::Log(t)) => {
-            let mut o = out(&tasks::log(&ctx, &t.task)?)?;
-            o.text = Some(render::task_log);
-            o
+            laid_out(&tasks::log(&ctx, &t.task)?, render::task_log)?
         }
         Command::Stop(s) => {
             let r = stop::stop(
@@ -129,7 +218,7 @@ fn run(cli: Cli) -> Result<Option<Output>> {
                 &s.task,
                 &stop::StopOptions::operator(s.reason, s.force),
             )?;
-            let mut o = out(&r)?;
+            let mut o = laid_out(&r, render::stop)?;
             o.warning = r.warning.clone();
             o
         }
@@ -140,7 +229,7 @@ fn run(cli: Cli) -> Result<Option<Output>> {
                 exec: c.command,
             };
             match claim::claim(&ctx, &req)? {
-                Some(claimed) => out(&claimed)?,
+                Some(claimed) => laid_out(&claimed, render::claim)?,
                 None => {
                     eprintln!("orchctl: nothing to claim");
                     return Ok(None);
@@ -153,37 +242,49 @@ fn run(cli: Cli) -> Result<Option<Output>> {
             } else {
                 jobs::RunOutcome::Failure(c.error)
             };
-            out(&jobs::complete(&ctx, c.job, c.run_id, &outcome)?)?
+            laid_out(
+                &jobs::complete(&ctx, c.job, c.run_id, &outcome)?,
+                render::complete,
+            )?
         }
-        Command::Reap(r) => out(&jobs::reap(
-            &ctx,
-            jobs::ReapOptions {
-                dry_run: r.dry_run,
-                recover: r.recover,
-            },
-        )?)?,
-        Command::Reconcile => out(&reconcile::reconcile(&ctx)?)?,
-        Command::DeployBegin(t) => out(&deploy::begin(&ctx, &t.task)?)?,
-        Command::FinalizeDeploy(f) => out(&deploy::finalize(
-            &ctx,
-            &f.task,
-            match f.outcome {
-                DeployOutcomeArg::Success => deploy::Outcome::Success,
-                DeployOutcomeArg::Failure => deploy::Outcome::Failure,
-            },
-        )?)?,
-        Command::Queue(q) => out(&queue::snapshot(&ctx, q.recent))?,
+        Command::Reap(r) => laid_out(
+            &jobs::reap(
+                &ctx,
+                jobs::ReapOptions {
+                    dry_run: r.dry_run,
+                    recover: r.recover,
+                },
+            )?,
+            render::reap,
+        )?,
+        Command::Reconcile => laid_out(&reconcile::reconcile(&ctx)?, render::reconcile)?,
+        Command::DeployBegin(t) => laid_out(&deploy::begin(&ctx, &t.task)?, render::deploy_begin)?,
+        Command::FinalizeDeploy(f) => laid_out(
+            &deploy::finalize(
+                &ctx,
+                &f.task,
+                match f.outcome {
+                    DeployOutcomeArg::Success => deploy::Outcome::Success,
+                    DeployOutcomeArg::Failure => deploy::Outcome::Failure,
+                },
+            )?,
+            render::finalize_deploy,
+        )?,
+        Command::Queue(q) => laid_out(&queue::snapshot(&ctx, q.recent), render::queue)?,
         Command::Event(e) => {
             let body = read_body().context("reading the delivery body from stdin")?;
-            out(&event::handle(
-                &ctx,
-                &body,
-                &event::Delivery {
-                    delivery: e.delivery,
-                    event: e.event,
-                    signature: e.signature,
-                },
-            )?)?
+            laid_out(
+                &event::handle(
+                    &ctx,
+                    &body,
+                    &event::Delivery {
+                        delivery: e.delivery,
+                        event: e.event,
+                        signature: e.signature,
+                    },
+                )?,
+                render::event,
+            )?
         }
     };
     Ok(Some(output))

@@ -9,6 +9,7 @@
 //! Effects never run inside a database transaction: the database is never locked while
 //! waiting for a process, git or HTTP.
 
+use std::collections::HashSet;
 use std::path::PathBuf;
 
 use anyhow::Result;
@@ -202,17 +203,32 @@ impl Ending<'_> {
 }
 
 /// Runs `rows` in order. A row that another live process has claimed is reported `busy`
-/// and left to it.
+/// and left to it — and so are the task's later rows: a task's effects run in the order
+/// they were written (stop the agent, then remove its worktree, then delete its branch),
+/// and the process that holds the earlier row will run them. Otherwise a second STOP could
+/// delete the branch while the first is still waiting for the agent to die, and the agent
+/// could push it again.
 pub fn run_rows(ctx: &Ctx, rows: &[OutboxRow]) -> Result<Vec<EffectReport>> {
     let me = process::self_identity();
     let lease = lease_secs(&ctx.config);
     let mut out = Vec::with_capacity(rows.len());
+    let mut held_elsewhere: HashSet<i64> = HashSet::new();
     let mut ending: Option<Ending> = None;
     for row in rows {
+        if row.task_id.is_some_and(|t| held_elsewhere.contains(&t)) {
+            out.push(report(row, "busy", None, None, None));
+            continue;
+        }
+        let mut busy = |row: &OutboxRow, out: &mut Vec<EffectReport>| {
+            if let Some(t) = row.task_id {
+                held_elsewhere.insert(t);
+            }
+            out.push(report(row, "busy", None, None, None));
+        };
         let observed = (row.claimed_pid, row.claimed_start);
         if let (Some(pid), Some(start)) = observed {
             if process::liveness(pid, Some(start)) == process::Liveness::Alive && pid != me.0 {
-                out.push(report(row, "busy", None, None, None));
+                busy(row, &mut out);
                 continue;
             }
         }
@@ -240,7 +256,7 @@ pub fn run_rows(ctx: &Ctx, rows: &[OutboxRow]) -> Result<Vec<EffectReport>> {
             w.claim_effect(row.id, observed, me, lease)
         })?;
         if !claimed {
-            out.push(report(row, "busy", None, None, None));
+            busy(row, &mut out);
             continue;
         }
         let attempt = row.attempts + 1;
@@ -459,17 +475,14 @@ fn execute(c: &Config, row: &OutboxRow, effect: &Effect) -> Executed {
                 return Ok(("skipped: the task has no Plane issue".into(), None));
             };
             let client = plane::PlaneClient::new(p, c.http_timeout, std::time::Duration::ZERO);
-            // Unique per outbox row, stable across its retries: a retry after a lost answer
-            // gets 409 instead of a second comment.
-            let external_id = format!(
-                "orchctl-{}-{}",
-                row.id,
-                short_hash(&format!("{}/{project}/{issue}", row.created_at))
-            );
+            let external_id = comment_external_id(row, project, issue);
             match client.add_comment(project, issue, html, &external_id)? {
                 plane::CommentOutcome::Posted => Ok(("comment posted".into(), None)),
                 plane::CommentOutcome::AlreadyPosted => {
                     Ok(("comment was already posted".into(), None))
+                }
+                plane::CommentOutcome::IssueGone => {
+                    Ok(("skipped: the Plane issue no longer exists".into(), None))
                 }
             }
         }
@@ -477,14 +490,37 @@ fn execute(c: &Config, row: &OutboxRow, effect: &Effect) -> Executed {
             let Some(argv) = &c.notify_cmd else {
                 return Ok(("skipped: ORCH_NOTIFY_CMD not set".into(), None));
             };
+            // The hook runs at least once: a crash between its run and the record of it
+            // runs it again. A key stable across retries lets the hook drop the repeat.
+            let mut event = event.clone();
+            if let Value::Object(m) = &mut event {
+                m.insert(
+                    "notification_id".into(),
+                    json!(format!(
+                        "orchctl-{}-{}",
+                        row.id,
+                        short_hash(&format!("{}/notify", row.created_at))
+                    )),
+                );
+            }
             notify::run(
                 argv,
-                event,
+                &event,
                 c.http_timeout.max(std::time::Duration::from_secs(10)),
             )?;
             Ok(("notify command ran".into(), None))
         }
     }
+}
+
+/// The `external_id` of a Plane comment effect: unique per outbox row and stable across
+/// its retries, so a retry after a lost answer gets 409 instead of posting twice.
+pub fn comment_external_id(row: &OutboxRow, project: &str, issue: &str) -> String {
+    format!(
+        "orchctl-{}-{}",
+        row.id,
+        short_hash(&format!("{}/{project}/{issue}", row.created_at))
+    )
 }
 
 fn check_names(repo: &str, branch: &str) -> Result<(), EffectError> {

@@ -1,10 +1,13 @@
 //! `orchctl queue` (SPEC §8): one read-only snapshot for people and dashboards.
 //!
 //! Each block is computed on its own: a block whose query fails is replaced by its minimal
-//! form plus an `error` string, and the snapshot is still printed (dashboards poll it and
-//! must never get nothing). Every query is bounded by an index (job counts are kept by
-//! triggers; recent rows are read newest-first by key), so the cost does not grow with
-//! the history.
+//! form (zero counts, empty lists, the configuration it reports) plus an `error` string,
+//! and the snapshot is still printed (dashboards poll it and must never get nothing).
+//! `recent` is a list and cannot carry a field, so its error goes to `errors.recent`.
+//! Every query is bounded by an index (job counts are kept by triggers; recent rows are
+//! read newest-first by key; blocked tasks start from the live stages; open side effects
+//! from the outbox's partial index), so the cost does not grow with the history.
+//! Read-only: it never writes, and it never fails as a whole.
 
 use anyhow::Result;
 use serde_json::{json, Map, Value};
@@ -40,16 +43,22 @@ pub fn snapshot(ctx: &Ctx, recent: i64) -> Value {
     let mut out = Map::new();
     ctx.store
         .read(|r: &Reader| {
-            block(&mut out, "counts", json!({}), || {
-                let mut m: Map<String, Value> = JOB_STATUSES
-                    .iter()
-                    .map(|s| (s.to_string(), json!(0)))
-                    .collect();
-                for (status, n) in r.job_counts()? {
-                    m.insert(status, json!(n));
-                }
-                Ok(Value::Object(m))
-            });
+            let zero_counts: Map<String, Value> = JOB_STATUSES
+                .iter()
+                .map(|s| (s.to_string(), json!(0)))
+                .collect();
+            block(
+                &mut out,
+                "counts",
+                Value::Object(zero_counts.clone()),
+                || {
+                    let mut m = zero_counts;
+                    for (status, n) in r.job_counts()? {
+                        m.insert(status, json!(n));
+                    }
+                    Ok(Value::Object(m))
+                },
+            );
             block(
                 &mut out,
                 "serial_gate",
@@ -61,6 +70,11 @@ pub fn snapshot(ctx: &Ctx, recent: i64) -> Value {
                 "task_deps",
                 json!({ "enabled": c.task_deps, "blocked": [] }),
                 || {
+                    // Without any dependency nothing is blocked, and the tasks table
+                    // (the stop block's) is not needed at all.
+                    if !r.has_deps()? {
+                        return Ok(json!({ "enabled": c.task_deps, "blocked": [] }));
+                    }
                     let blocked: Vec<Value> = r
                         .blocked_tasks(100)?
                         .into_iter()

@@ -1,17 +1,22 @@
 //! Text rendering of results for people at a terminal (JSON is serde's job).
 //!
-//! Objects become `key: value` lines, nested objects are indented, and lists of objects
-//! become aligned tables. Commands with a shape people read often (task list, task log,
-//! queue) have their own layout on top of these pieces.
+//! Every layout takes the JSON value a command prints, so text and JSON can never say
+//! different things, and an unexpected shape degrades to the generic layout instead of
+//! failing. Commands people read often have their own layout: a headline saying what
+//! happened, the few facts that matter, and aligned tables. Times drop their fractional
+//! seconds; nothing here decides anything or touches the database.
 
 use serde_json::{Map, Value};
+
+/// The widest a table cell gets before it is cut (the last column is never cut).
+const MAX_CELL: usize = 60;
 
 fn scalar(v: &Value) -> Option<String> {
     match v {
         Value::Null => Some("-".into()),
-        Value::Bool(b) => Some(b.to_string()),
+        Value::Bool(b) => Some(if *b { "yes" } else { "no" }.into()),
         Value::Number(n) => Some(n.to_string()),
-        Value::String(s) => Some(s.replace('\n', " ")),
+        Value::String(s) => Some(one_line(s)),
         Value::Array(a) if a.iter().all(|x| !x.is_object() && !x.is_array()) => {
             Some(if a.is_empty() {
                 "-".into()
@@ -23,22 +28,82 @@ fn scalar(v: &Value) -> Option<String> {
     }
 }
 
-/// An aligned table of `rows` with the given columns (missing cells print `-`).
-pub fn table(columns: &[&str], rows: &[Value]) -> String {
+fn one_line(s: &str) -> String {
+    let s = s.split_whitespace().collect::<Vec<_>>().join(" ");
+    if s.is_empty() {
+        "-".into()
+    } else {
+        short_time(&s)
+    }
+}
+
+/// `2026-01-02T03:04:05.678Z` → `2026-01-02T03:04:05Z`; anything else unchanged.
+fn short_time(s: &str) -> String {
+    let b = s.as_bytes();
+    let looks_like_time = b.len() > 20
+        && b.len() <= 30
+        && b[4] == b'-'
+        && b[10] == b'T'
+        && b[19] == b'.'
+        && s.ends_with('Z')
+        && s[..4].bytes().all(|c| c.is_ascii_digit());
+    if looks_like_time {
+        format!("{}Z", &s[..19])
+    } else {
+        s.to_string()
+    }
+}
+
+fn cell(v: Option<&Value>) -> String {
+    match v {
+        None => "-".into(),
+        Some(v) => scalar(v).unwrap_or_else(|| v.to_string()),
+    }
+}
+
+fn s<'a>(v: &'a Value, key: &str) -> &'a str {
+    v.get(key).and_then(Value::as_str).unwrap_or("-")
+}
+
+fn n(v: &Value, key: &str) -> i64 {
+    v.get(key).and_then(Value::as_i64).unwrap_or(0)
+}
+
+fn truthy(v: &Value, key: &str) -> bool {
+    v.get(key).and_then(Value::as_bool).unwrap_or(false)
+}
+
+fn cut(s: String, max: usize) -> String {
+    if s.chars().count() <= max {
+        s
+    } else {
+        let mut out: String = s.chars().take(max.saturating_sub(1)).collect();
+        out.push('~');
+        out
+    }
+}
+
+/// An aligned table: `columns` are `(header, key)`; missing cells print `-`.
+pub fn table_with(columns: &[(&str, &str)], rows: &[Value]) -> String {
+    let last = columns.len().saturating_sub(1);
     let cells: Vec<Vec<String>> = rows
         .iter()
         .map(|r| {
             columns
                 .iter()
-                .map(|c| {
-                    r.get(*c)
-                        .map(|v| scalar(v).unwrap_or_else(|| v.to_string()))
-                        .unwrap_or_else(|| "-".into())
+                .enumerate()
+                .map(|(i, (_, key))| {
+                    let c = cell(r.get(*key));
+                    if i == last {
+                        c
+                    } else {
+                        cut(c, MAX_CELL)
+                    }
                 })
                 .collect()
         })
         .collect();
-    let mut widths: Vec<usize> = columns.iter().map(|c| c.len()).collect();
+    let mut widths: Vec<usize> = columns.iter().map(|(h, _)| h.chars().count()).collect();
     for row in &cells {
         for (i, c) in row.iter().enumerate() {
             widths[i] = widths[i].max(c.chars().count());
@@ -46,7 +111,7 @@ pub fn table(columns: &[&str], rows: &[Value]) -> String {
     }
     let line = |items: Vec<String>| -> String {
         let n = items.len();
-        items
+        let mut l = items
             .into_iter()
             .enumerate()
             .map(|(i, s)| {
@@ -58,15 +123,53 @@ pub fn table(columns: &[&str], rows: &[Value]) -> String {
                 }
             })
             .collect::<Vec<_>>()
-            .join("  ")
+            .join("  ");
+        l.truncate(l.trim_end().len());
+        l.push('\n');
+        l
     };
-    let mut out = line(columns.iter().map(|c| c.to_uppercase()).collect());
-    out.push('\n');
+    let mut out = line(columns.iter().map(|(h, _)| h.to_string()).collect());
     for row in cells {
         out.push_str(&line(row));
-        out.push('\n');
     }
     out
+}
+
+/// An aligned table whose headers are the upper-cased keys.
+pub fn table(columns: &[&str], rows: &[Value]) -> String {
+    let headers: Vec<String> = columns.iter().map(|c| c.to_uppercase()).collect();
+    let cols: Vec<(&str, &str)> = headers
+        .iter()
+        .zip(columns)
+        .map(|(h, c)| (h.as_str(), *c))
+        .collect();
+    table_with(&cols, rows)
+}
+
+fn indent(text: &str, by: usize) -> String {
+    let pad = " ".repeat(by);
+    text.lines().map(|l| format!("{pad}{l}\n")).collect()
+}
+
+/// `key  value` lines, keys aligned; pairs whose value is `None` are left out.
+fn facts(pairs: &[(&str, Option<String>)], by: usize) -> String {
+    let shown: Vec<(&str, &String)> = pairs
+        .iter()
+        .filter_map(|(k, v)| v.as_ref().map(|v| (*k, v)))
+        .collect();
+    let width = shown.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
+    let pad = " ".repeat(by);
+    shown
+        .into_iter()
+        .map(|(k, v)| format!("{pad}{k:width$}  {v}\n"))
+        .collect()
+}
+
+fn opt(v: &Value, key: &str) -> Option<String> {
+    match v.get(key) {
+        None | Some(Value::Null) => None,
+        Some(x) => scalar(x).filter(|s| s != "-"),
+    }
 }
 
 fn table_columns(rows: &[Value]) -> Vec<String> {
@@ -83,27 +186,25 @@ fn table_columns(rows: &[Value]) -> Vec<String> {
     cols
 }
 
-fn object(out: &mut String, m: &Map<String, Value>, indent: usize) {
-    let pad = " ".repeat(indent);
+fn object(out: &mut String, m: &Map<String, Value>, by: usize) {
+    let pad = " ".repeat(by);
     let width = m.keys().map(|k| k.len()).max().unwrap_or(0);
     for (k, v) in m {
         if let Some(s) = scalar(v) {
             out.push_str(&format!("{pad}{k:width$}  {s}\n"));
         } else if let Value::Object(inner) = v {
             out.push_str(&format!("{pad}{k}:\n"));
-            object(out, inner, indent + 2);
+            object(out, inner, by + 2);
         } else if let Value::Array(items) = v {
             out.push_str(&format!("{pad}{k}:\n"));
             let cols = table_columns(items);
             let cols: Vec<&str> = cols.iter().map(String::as_str).collect();
-            for line in table(&cols, items).lines() {
-                out.push_str(&format!("{pad}  {line}\n"));
-            }
+            out.push_str(&indent(&table(&cols, items), by + 2));
         }
     }
 }
 
-/// Any result as text.
+/// Any result as text: `key  value` lines, nested objects indented, lists as tables.
 pub fn generic(v: &Value) -> String {
     let mut out = String::new();
     match v {
@@ -121,20 +222,113 @@ pub fn generic(v: &Value) -> String {
     out
 }
 
+/// `ORCH-310 (task 7)`, or `task 7` for a task without a work item id. A tombstoned key
+/// shows as it was: the headline names the work, the tables show the stored key.
+fn task_name(t: &Value) -> String {
+    match t.get("work_item_id").and_then(Value::as_str) {
+        Some(w) => format!("{} (task {})", crate::model::untombstoned(w), t["id"]),
+        None => format!("task {}", t["id"]),
+    }
+}
+
+/// The facts of a task worth reading, as `facts` pairs.
+fn task_facts(t: &Value) -> Vec<(&'static str, Option<String>)> {
+    let plane = opt(t, "plane_issue_id").map(|p| match opt(t, "project_id") {
+        Some(proj) => format!("{p} (project {proj})"),
+        None => p,
+    });
+    let cancelled = opt(t, "cancelled_at").map(|at| match opt(t, "cancel_reason") {
+        Some(r) => format!("{at}: {r}"),
+        None => at,
+    });
+    let requested = opt(t, "cancel_requested_at").filter(|_| opt(t, "cancelled_at").is_none());
+    vec![
+        ("title", opt(t, "title")),
+        ("repo", opt(t, "repo")),
+        ("branch", opt(t, "branch")),
+        ("plane", plane),
+        ("created", opt(t, "created_at")),
+        ("updated", opt(t, "updated_at")),
+        (
+            "stop pending",
+            requested.map(|at| format!("{at} (deferred stop)")),
+        ),
+        ("cancelled", cancelled),
+    ]
+}
+
+const JOB_COLUMNS: [(&str, &str); 9] = [
+    ("JOB", "id"),
+    ("TASK", "task_id"),
+    ("AGENT", "agent"),
+    ("STATUS", "status"),
+    ("RUN", "run_id"),
+    ("TRIES", "tries"),
+    ("PID", "pid"),
+    ("CLAIMED", "claimed_at"),
+    ("ERROR", "error"),
+];
+
+fn job_rows(jobs: &[Value]) -> Vec<Value> {
+    jobs.iter()
+        .map(|j| {
+            let tries = format!("{}/{}", n(j, "attempts"), n(j, "max_attempts"));
+            let mut j = j.clone();
+            if let Value::Object(m) = &mut j {
+                m.insert("tries".into(), Value::String(tries));
+            }
+            j
+        })
+        .collect()
+}
+
+fn effects_table(effects: &[Value]) -> String {
+    let rows: Vec<Value> = effects
+        .iter()
+        .map(|e| {
+            let outcome = e
+                .get("error")
+                .and_then(Value::as_str)
+                .or_else(|| e.get("result").and_then(Value::as_str))
+                .or_else(|| e.get("last_error").and_then(Value::as_str))
+                .unwrap_or("-");
+            serde_json::json!({
+                "id": e["id"], "kind": e["kind"], "status": e["status"], "outcome": outcome,
+            })
+        })
+        .collect();
+    table_with(
+        &[
+            ("ID", "id"),
+            ("SIDE EFFECT", "kind"),
+            ("STATUS", "status"),
+            ("RESULT", "outcome"),
+        ],
+        &rows,
+    )
+}
+
+fn array<'a>(v: &'a Value, key: &str) -> &'a [Value] {
+    v.get(key)
+        .and_then(Value::as_array)
+        .map(Vec::as_slice)
+        .unwrap_or(&[])
+}
+
 /// `task list`: one aligned row per task.
 pub fn task_list(v: &Value) -> String {
     let rows = v.as_array().cloned().unwrap_or_default();
     if rows.is_empty() {
         return "no tasks\n".into();
     }
-    table(
+    table_with(
         &[
-            "id",
-            "work_item_id",
-            "stage",
-            "repo",
-            "branch",
-            "updated_at",
+            ("ID", "id"),
+            ("WORK ITEM", "work_item_id"),
+            ("STAGE", "stage"),
+            ("REPO", "repo"),
+            ("UPDATED", "updated_at"),
+            ("BRANCH", "branch"),
         ],
         &rows,
     )
@@ -144,35 +338,590 @@ pub fn task_list(v: &Value) -> String {
 pub fn task_log(v: &Value) -> String {
     let mut out = String::new();
     if let Some(t) = v.get("task") {
-        out.push_str(&format!(
-            "task {} {} ({})\n",
-            t["id"],
-            t["work_item_id"].as_str().unwrap_or("-"),
-            t["stage"].as_str().unwrap_or("-")
+        out.push_str(&format!("{}  {}\n\n", task_name(t), s(t, "stage")));
+    }
+    let rows: Vec<Value> = array(v, "events")
+        .iter()
+        .map(|e| {
+            let detail = match &e["detail"] {
+                Value::Object(m) => m
+                    .iter()
+                    .map(|(k, v)| match v {
+                        // Brackets keep `k=[a, b]` readable among the other pairs.
+                        Value::Array(a) if a.is_empty() => format!("{k}=[]"),
+                        Value::Array(_) => format!("{k}=[{}]", cell(Some(v))),
+                        _ => format!("{k}={}", cell(Some(v))),
+                    })
+                    .collect::<Vec<_>>()
+                    .join(" "),
+                other => cell(Some(other)),
+            };
+            serde_json::json!({ "at": e["at"], "kind": e["kind"], "detail": detail })
+        })
+        .collect();
+    if rows.is_empty() {
+        out.push_str("no events\n");
+    } else {
+        out.push_str(&table_with(
+            &[("AT", "at"), ("EVENT", "kind"), ("DETAIL", "detail")],
+            &rows,
         ));
     }
-    let rows: Vec<Value> = v
-        .get("events")
-        .and_then(Value::as_array)
-        .map(|evs| {
-            evs.iter()
-                .map(|e| {
-                    let detail = match &e["detail"] {
-                        Value::Object(m) => m
-                            .iter()
-                            .map(|(k, v)| {
-                                format!("{k}={}", scalar(v).unwrap_or_else(|| v.to_string()))
-                            })
-                            .collect::<Vec<_>>()
-                            .join(" "),
-                        other => scalar(other).unwrap_or_default(),
-                    };
-                    serde_json::json!({ "at": e["at"], "kind": e["kind"], "detail": detail })
-                })
-                .collect()
-        })
-        .unwrap_or_default();
-    out.push_str(&table(&["at", "kind", "detail"], &rows));
+    out
+}
+
+/// `task show`: the task, then its jobs, dependencies, lease, marker and side effects.
+pub fn task_show(v: &Value) -> String {
+    let Some(t) = v.get("task") else {
+        return generic(v);
+    };
+    let mut out = format!(
+        "task {}  {}  {}\n",
+        t["id"],
+        s(t, "work_item_id"),
+        s(t, "stage")
+    );
+    let lease = v.get("lease").filter(|l| !l.is_null()).map(|l| {
+        format!(
+            "held by {} since {}",
+            s(l, "branch"),
+            cell(l.get("acquired_at"))
+        )
+    });
+    let mut pairs = task_facts(t);
+    pairs.extend([
+        ("depends on", opt(v, "depends_on")),
+        ("merge lease", lease),
+        ("deploy", opt(v, "deploy_marker")),
+    ]);
+    out.push_str(&facts(&pairs, 2));
+    let jobs = array(v, "jobs");
+    out.push_str("\njobs:\n");
+    if jobs.is_empty() {
+        out.push_str("  none\n");
+    } else {
+        out.push_str(&indent(&table_with(&JOB_COLUMNS, &job_rows(jobs)), 2));
+    }
+    let effects = array(v, "outbox");
+    if !effects.is_empty() {
+        out.push_str("\nside effects:\n");
+        out.push_str(&indent(&effects_table(effects), 2));
+    }
+    out
+}
+
+/// `task add`: the new task and its first job.
+pub fn task_add(v: &Value) -> String {
+    let Some(t) = v.get("task") else {
+        return generic(v);
+    };
+    let mut out = format!("added {}\n", task_name(t));
+    let job = match v.get("job").filter(|j| !j.is_null()) {
+        Some(j) => format!("{} ({}, {})", j["id"], s(j, "agent"), s(j, "status")),
+        None => "none: parked awaiting Confirm Deploy".into(),
+    };
+    let mut pairs = vec![("stage", opt(t, "stage"))];
+    pairs.extend(task_facts(t));
+    pairs.push(("job", Some(job)));
+    out.push_str(&facts(&pairs, 2));
+    out
+}
+
+/// `stop`: what happened to the task, then each side effect.
+pub fn stop(v: &Value) -> String {
+    let note = s(v, "note");
+    let name = v
+        .get("task")
+        .filter(|t| !t.is_null())
+        .map(task_name)
+        .unwrap_or_else(|| "task".into());
+    let mut out = String::new();
+    match note {
+        "no-task" => out.push_str("no such task: nothing to stop\n"),
+        "cancelled" => {
+            out.push_str(&format!("{name}: cancelled\n"));
+            out.push_str(&facts(
+                &[
+                    ("agents stopped", Some(n(v, "stopped").to_string())),
+                    ("jobs cancelled", Some(n(v, "jobs_cancelled").to_string())),
+                    (
+                        "reason",
+                        v.get("task").and_then(|t| opt(t, "cancel_reason")),
+                    ),
+                ],
+                2,
+            ));
+        }
+        "deferred-critical-window" | "deferred-already-pending" => {
+            if note == "deferred-critical-window" {
+                out.push_str(&format!(
+                    "{name}: stop DEFERRED - the task is in its merge/deploy window\n"
+                ));
+            } else {
+                out.push_str(&format!("{name}: a deferred stop is already pending\n"));
+            }
+            out.push_str(&facts(
+                &[
+                    (
+                        "queued jobs cancelled",
+                        Some(n(v, "jobs_cancelled").to_string()),
+                    ),
+                    (
+                        "stage",
+                        v.get("task")
+                            .and_then(|t| opt(t, "stage"))
+                            .map(|s| format!("{s} (unchanged)")),
+                    ),
+                ],
+                2,
+            ));
+            out.push_str(
+                "  finalize-deploy applies the stop when the deploy step ends (reconcile does\n  \
+                 once the window closes); `orchctl stop --force` resets now.\n",
+            );
+        }
+        other if other.starts_with("already-terminal:") => {
+            out.push_str(&format!(
+                "{name} is already {}: nothing to do\n",
+                other.trim_start_matches("already-terminal:")
+            ));
+        }
+        other => out.push_str(&format!("{name}: {other}\n")),
+    }
+    let effects = array(v, "effects");
+    if !effects.is_empty() {
+        out.push('\n');
+        out.push_str(&effects_table(effects));
+        if effects.iter().any(|e| s(e, "status") == "pending") {
+            out.push_str("pending side effects are retried by `orchctl reconcile`\n");
+        }
+    }
+    out
+}
+
+/// `claim`: the job taken and, with --exec, the agent started.
+pub fn claim(v: &Value) -> String {
+    let task = match v.get("work_item_id").and_then(Value::as_str) {
+        Some(w) => format!("{w} (task {})", v["task_id"]),
+        None => format!("task {}", cell(v.get("task_id"))),
+    };
+    let mut out = format!(
+        "claimed job {} ({}) of {task}: run {}, attempt {}/{}\n",
+        v["id"],
+        s(v, "agent"),
+        v["run_id"],
+        n(v, "attempts"),
+        n(v, "max_attempts")
+    );
+    out.push_str(&facts(
+        &[
+            ("repo", opt(v, "repo")),
+            ("branch", opt(v, "branch")),
+            ("stage", opt(v, "stage")),
+            ("pid", opt(v, "pid")),
+            ("log", opt(v, "log")),
+        ],
+        2,
+    ));
+    if truthy(v, "killed_at_launch") {
+        out.push_str("  the job was stopped while launching: its agent was killed\n");
+    }
+    out
+}
+
+/// `complete`: what the run's outcome did to the job and the task.
+pub fn complete(v: &Value) -> String {
+    let job = v.get("job").filter(|j| !j.is_null());
+    let mut out = match job {
+        Some(j) => format!(
+            "job {} run {}: {}\n",
+            j["id"],
+            cell(j.get("run_id")),
+            s(v, "note")
+        ),
+        None => format!("{}\n", s(v, "note")),
+    };
+    if s(v, "note") == "stale-run" {
+        out.push_str(
+            "  nothing changed: that run is not the job's current run, or the job is finished\n",
+        );
+    }
+    let next = v
+        .get("next_job")
+        .filter(|j| !j.is_null())
+        .map(|j| format!("job {} ({}) queued", j["id"], s(j, "agent")));
+    out.push_str(&facts(
+        &[
+            ("job status", job.and_then(|j| opt(j, "status"))),
+            (
+                "task",
+                v.get("task")
+                    .filter(|t| !t.is_null())
+                    .map(|t| format!("{}  {}", task_name(t), s(t, "stage"))),
+            ),
+            ("next", next),
+        ],
+        2,
+    ));
+    let effects = array(v, "effects");
+    if !effects.is_empty() {
+        out.push('\n');
+        out.push_str(&effects_table(effects));
+    }
+    out
+}
+
+/// `reap`: counts, then one row per job judged dead.
+pub fn reap(v: &Value) -> String {
+    let mut out = format!(
+        "{}checked {} running job(s): {} alive, {} requeued, {} failed, {} cancelled\n",
+        if truthy(v, "dry_run") {
+            "dry run: "
+        } else {
+            ""
+        },
+        n(v, "checked"),
+        n(v, "alive"),
+        n(v, "requeued"),
+        n(v, "failed"),
+        n(v, "cancelled")
+    );
+    let jobs = array(v, "jobs");
+    if !jobs.is_empty() {
+        out.push('\n');
+        out.push_str(&table_with(
+            &[
+                ("JOB", "job_id"),
+                ("RUN", "run_id"),
+                ("TASK", "task_id"),
+                ("ACTION", "action"),
+                ("WHY", "reason"),
+            ],
+            jobs,
+        ));
+    }
+    out
+}
+
+/// `reconcile`: the counts of each pass, then the errors.
+pub fn reconcile(v: &Value) -> String {
+    let ob = v.get("outbox").cloned().unwrap_or(Value::Null);
+    let mut out = String::from("reconcile:\n");
+    out.push_str(&facts(
+        &[
+            (
+                "terminal tasks skipped",
+                Some(n(v, "skipped_terminal").to_string()),
+            ),
+            (
+                "deferred stops applied",
+                Some(n(v, "deferred_applied").to_string()),
+            ),
+            (
+                "deferred stops waiting",
+                Some(n(v, "deferred_waiting").to_string()),
+            ),
+            (
+                "orphaned leases released",
+                Some(n(v, "leases_released").to_string()),
+            ),
+            (
+                "side effects retried",
+                Some(format!(
+                    "{} done, {} still pending, {} failed, {} busy",
+                    n(&ob, "done"),
+                    n(&ob, "pending"),
+                    n(&ob, "failed"),
+                    n(&ob, "busy")
+                )),
+            ),
+            (
+                "plane",
+                match v.get("plane").filter(|p| !p.is_null()) {
+                    Some(p) => Some(format!(
+                        "{} checked, {} stopped, {} deferred, {} deleted, {} unlinked, \
+                         {} outside the stop scope, {} requests",
+                        n(p, "checked"),
+                        n(p, "stopped"),
+                        n(p, "deferred"),
+                        n(p, "deleted"),
+                        n(p, "unlinked"),
+                        n(p, "stop_disabled"),
+                        n(p, "requests")
+                    )),
+                    None => Some("not configured".into()),
+                },
+            ),
+        ],
+        2,
+    ));
+    let mut errors: Vec<Value> = array(v, "errors").to_vec();
+    if let Some(p) = v.get("plane") {
+        errors.extend(array(p, "errors").iter().cloned());
+    }
+    if !errors.is_empty() {
+        out.push_str("\nerrors:\n");
+        out.push_str(&indent(
+            &table_with(&[("TASK", "task_id"), ("ERROR", "error")], &errors),
+            2,
+        ));
+    }
+    out
+}
+
+/// `deploy-begin`: the window is open.
+pub fn deploy_begin(v: &Value) -> String {
+    let name = v
+        .get("task")
+        .map(task_name)
+        .unwrap_or_else(|| "task".into());
+    let lease = v
+        .get("lease")
+        .filter(|l| !l.is_null())
+        .map(|l| format!("{} held by {}", s(l, "repo"), s(l, "branch")));
+    let mut out = format!("{name}: deploy window open ({})\n", s(v, "note"));
+    out.push_str(&facts(
+        &[("merge lease", lease), ("deploy", opt(v, "marker"))],
+        2,
+    ));
+    out.push_str("  run `orchctl finalize-deploy --outcome success|failure` when the step ends\n");
+    out
+}
+
+/// `finalize-deploy`: how the window closed and what happened to the task.
+pub fn finalize_deploy(v: &Value) -> String {
+    let name = v
+        .get("task")
+        .filter(|t| !t.is_null())
+        .map(task_name)
+        .unwrap_or_else(|| "task".into());
+    let mut out = format!("{name}: deploy {} - {}\n", s(v, "outcome"), s(v, "note"));
+    out.push_str(&facts(
+        &[
+            ("lease released", opt(v, "lease_released")),
+            ("marker cleared", opt(v, "marker_cleared")),
+            ("stage", v.get("task").and_then(|t| opt(t, "stage"))),
+        ],
+        2,
+    ));
+    let jobs = array(v, "jobs");
+    if !jobs.is_empty() {
+        out.push('\n');
+        out.push_str(&table_with(&JOB_COLUMNS, &job_rows(jobs)));
+    }
+    let effects = array(v, "effects");
+    if !effects.is_empty() {
+        out.push('\n');
+        out.push_str(&effects_table(effects));
+    }
+    out
+}
+
+/// `event`: what the delivery did, to which task.
+pub fn event(v: &Value) -> String {
+    let mut out = match opt(v, "note") {
+        Some(note) => format!("{} ({note})\n", s(v, "action")),
+        None => format!("{}\n", s(v, "action")),
+    };
+    let task = v
+        .get("task")
+        .filter(|t| !t.is_null())
+        .map(|t| format!("{}  {}", task_name(t), s(t, "stage")));
+    let job = v
+        .get("job")
+        .filter(|j| !j.is_null())
+        .map(|j| format!("{} ({}, {})", j["id"], s(j, "agent"), s(j, "status")));
+    out.push_str(&facts(
+        &[
+            ("state", opt(v, "state")),
+            ("task", task),
+            ("job", job),
+            ("event", opt(v, "event")),
+            ("delivery", opt(v, "delivery")),
+        ],
+        2,
+    ));
+    out
+}
+
+/// `migrate`: from which version to which.
+pub fn migrate(v: &Value) -> String {
+    let (from, to) = (n(v, "from"), n(v, "to"));
+    if from == to {
+        format!("{}: schema already at version {to}\n", s(v, "db"))
+    } else {
+        format!(
+            "{}: schema migrated from version {from} to {to}\n",
+            s(v, "db")
+        )
+    }
+}
+
+/// A block of the queue snapshot that could not be read.
+fn block_error(b: &Value) -> Option<String> {
+    b.get("error").and_then(Value::as_str).map(one_line)
+}
+
+fn on_off(b: &Value) -> &'static str {
+    if truthy(b, "enabled") {
+        "on"
+    } else {
+        "off"
+    }
+}
+
+/// `queue`: one line per block, then the tables dashboards show.
+pub fn queue(v: &Value) -> String {
+    let null = Value::Null;
+    let get = |k: &str| v.get(k).unwrap_or(&null);
+    let mut lines: Vec<(&str, Option<String>)> = Vec::new();
+
+    let counts = get("counts");
+    lines.push((
+        "jobs",
+        Some(match block_error(counts) {
+            Some(e) => format!("unavailable: {e}"),
+            None => ["queued", "running", "done", "failed", "cancelled"]
+                .iter()
+                .map(|k| format!("{} {k}", n(counts, k)))
+                .collect::<Vec<_>>()
+                .join(", "),
+        }),
+    ));
+
+    let gate = get("serial_gate");
+    let leases = array(gate, "leases");
+    lines.push((
+        "serial gate",
+        Some(match block_error(gate) {
+            Some(e) => format!("{}, leases unavailable: {e}", on_off(gate)),
+            None => format!("{}, {} merge lease(s) held", on_off(gate), leases.len()),
+        }),
+    ));
+
+    let deps = get("task_deps");
+    let blocked = array(deps, "blocked");
+    lines.push((
+        "task deps",
+        Some(match block_error(deps) {
+            Some(e) => format!("{}, blocked tasks unavailable: {e}", on_off(deps)),
+            None => format!(
+                "{}, {} task(s) waiting on others",
+                on_off(deps),
+                blocked.len()
+            ),
+        }),
+    ));
+
+    let labels = get("auto_labels");
+    lines.push(("auto labels", Some(on_off(labels).to_string())));
+
+    let ob = get("outbox");
+    lines.push((
+        "outbox",
+        Some(match block_error(ob) {
+            Some(e) => format!("unavailable: {e}"),
+            None => format!("{} pending, {} failed", n(ob, "pending"), n(ob, "failed")),
+        }),
+    ));
+
+    let stop = get("stop");
+    let scope = match array(stop, "repos") {
+        [] => "all repos".to_string(),
+        repos => repos
+            .iter()
+            .filter_map(Value::as_str)
+            .collect::<Vec<_>>()
+            .join(", "),
+    };
+    lines.push((
+        "stop",
+        Some(match block_error(stop) {
+            Some(e) => format!("{} ({scope}), stops unavailable: {e}", on_off(stop)),
+            None => format!(
+                "{} ({scope}), {} cancelled, {} deferred pending",
+                on_off(stop),
+                n(stop, "cancelled_count"),
+                n(stop, "deferred_pending")
+            ),
+        }),
+    ));
+    if let Some(e) = v
+        .get("errors")
+        .and_then(|e| e.get("recent"))
+        .and_then(Value::as_str)
+    {
+        lines.push(("recent jobs", Some(format!("unavailable: {}", one_line(e)))));
+    }
+
+    let mut out = facts(&lines, 0);
+    let mut section = |title: &str, body: String| {
+        out.push('\n');
+        out.push_str(title);
+        out.push('\n');
+        out.push_str(&indent(&body, 2));
+    };
+    if !leases.is_empty() {
+        section(
+            "merge leases:",
+            table_with(
+                &[
+                    ("REPO", "repo"),
+                    ("TASK", "task_id"),
+                    ("SINCE", "acquired_at"),
+                    ("BRANCH", "branch"),
+                ],
+                leases,
+            ),
+        );
+    }
+    if !blocked.is_empty() {
+        section(
+            "blocked tasks:",
+            table_with(
+                &[("TASK", "task_id"), ("WAITING ON", "waiting_on")],
+                blocked,
+            ),
+        );
+    }
+    let recent = array(v, "recent");
+    if !recent.is_empty() {
+        section("recent jobs:", table_with(&JOB_COLUMNS, &job_rows(recent)));
+    }
+    let items = array(ob, "items");
+    if !items.is_empty() {
+        section(
+            "open side effects:",
+            table_with(
+                &[
+                    ("ID", "id"),
+                    ("TASK", "task_id"),
+                    ("SIDE EFFECT", "kind"),
+                    ("STATUS", "status"),
+                    ("TRIES", "attempts"),
+                    ("NEXT TRY", "next_attempt_at"),
+                    ("LAST ERROR", "last_error"),
+                ],
+                items,
+            ),
+        );
+    }
+    let stops = array(stop, "recent");
+    if !stops.is_empty() {
+        section(
+            "recent stops:",
+            table_with(
+                &[
+                    ("TASK", "id"),
+                    ("WORK ITEM", "work_item_id"),
+                    ("REPO", "repo"),
+                    ("CANCELLED", "cancelled_at"),
+                    ("REASON", "cancel_reason"),
+                ],
+                stops,
+            ),
+        );
+    }
     out
 }
 
@@ -182,7 +931,7 @@ mod tests {
     use serde_json::json;
 
     #[test]
-    fn tables_align() {
+    fn tables_align_and_trim() {
         let t = table(
             &["id", "name"],
             &[
@@ -194,11 +943,84 @@ mod tests {
     }
 
     #[test]
+    fn long_cells_are_cut_except_in_the_last_column() {
+        let long = "x".repeat(100);
+        let t = table(&["a", "b"], &[json!({"a": long, "b": long})]);
+        let row = t.lines().nth(1).unwrap();
+        assert!(
+            row.starts_with(&format!("{}~  ", "x".repeat(MAX_CELL - 1))),
+            "{row}"
+        );
+        assert!(row.ends_with(&long));
+    }
+
+    #[test]
+    fn times_lose_their_fraction_only() {
+        assert_eq!(
+            short_time("2026-01-02T03:04:05.678Z"),
+            "2026-01-02T03:04:05Z"
+        );
+        assert_eq!(short_time("2026-01-02T03:04:05Z"), "2026-01-02T03:04:05Z");
+        assert_eq!(short_time("not a time.Z"), "not a time.Z");
+    }
+
+    #[test]
     fn objects_print_as_key_value_lines() {
         let s = generic(&json!({"ok": true, "note": "cancelled", "task": {"id": 3}}));
-        assert!(
-            s.contains("ok    true") && s.contains("task:\n  id  3"),
-            "{s}"
+        assert_eq!(s, "note  cancelled\nok    yes\ntask:\n  id  3\n");
+    }
+
+    #[test]
+    fn a_queue_block_with_an_error_says_so() {
+        let q = json!({
+            "counts": {"queued": 1, "running": 0, "done": 2, "failed": 0, "cancelled": 0},
+            "serial_gate": {"enabled": true, "leases": []},
+            "task_deps": {"enabled": false, "blocked": []},
+            "auto_labels": {"enabled": false},
+            "recent": [],
+            "outbox": {"pending": 0, "failed": 0, "items": []},
+            "stop": {"enabled": true, "repos": ["a", "b"], "cancelled_count": 0, "recent": [],
+                     "error": "no such table: tasks"},
+        });
+        assert_eq!(
+            queue(&q),
+            "jobs         1 queued, 0 running, 2 done, 0 failed, 0 cancelled\n\
+             serial gate  on, 0 merge lease(s) held\n\
+             task deps    off, 0 task(s) waiting on others\n\
+             auto labels  off\n\
+             outbox       0 pending, 0 failed\n\
+             stop         on (a, b), stops unavailable: no such table: tasks\n"
         );
+    }
+
+    #[test]
+    fn unexpected_shapes_do_not_panic() {
+        for v in [
+            json!(null),
+            json!([]),
+            json!({}),
+            json!("x"),
+            json!({"task": 3}),
+        ] {
+            for f in [
+                task_list,
+                task_log,
+                task_show,
+                task_add,
+                stop,
+                claim,
+                complete,
+                reap,
+                reconcile,
+                deploy_begin,
+                finalize_deploy,
+                migrate,
+                queue,
+                event,
+                generic,
+            ] {
+                let _ = f(&v);
+            }
+        }
     }
 }

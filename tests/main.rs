@@ -1,5 +1,13 @@
+mod cli;
 mod common;
+mod docs;
+mod event;
+mod fault;
+mod hostile;
 mod lifecycle;
 mod plans;
+mod queue;
+mod reliability;
+mod secrets;
 mod stop;
 mod wal;

@@ -29,10 +29,16 @@ const HISTORY: [&str; 6] = [
 ];
 
 /// Scans that stop early however long the history: (a fragment of the statement, why).
-const BOUNDED: [(&str, &str); 1] = [(
-    "FROM jobs ORDER BY id DESC LIMIT ?1",
-    "the newest jobs, read backwards by rowid: stops after LIMIT rows",
-)];
+const BOUNDED: [(&str, &str); 2] = [
+    (
+        "FROM jobs ORDER BY id DESC LIMIT ?1",
+        "the newest jobs, read backwards by rowid: stops after LIMIT rows",
+    ),
+    (
+        "SELECT EXISTS(SELECT 1 FROM task_deps)",
+        "whether any dependency exists: stops at the first row",
+    ),
+];
 
 /// Indexes whose one key value stands for most of the history (`stage = 'done'`): a
 /// search in them reads history as surely as a scan.

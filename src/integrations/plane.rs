@@ -59,6 +59,9 @@ impl PlaneIssue {
 pub enum CommentOutcome {
     Posted,
     AlreadyPosted,
+    /// Plane answered 404: the issue was deleted (reconcile cancels such tasks and their
+    /// farewell comment has nowhere to go; retrying cannot help).
+    IssueGone,
 }
 
 pub struct PlaneClient<'a> {
@@ -304,7 +307,8 @@ impl<'a> PlaneClient<'a> {
         match a.status {
             200 | 201 => Ok(CommentOutcome::Posted),
             409 => Ok(CommentOutcome::AlreadyPosted),
-            400 | 403 | 404 => Err(EffectError::permanent(format!(
+            404 => Ok(CommentOutcome::IssueGone),
+            400 | 403 => Err(EffectError::permanent(format!(
                 "Plane refused the comment (HTTP {})",
                 a.status
             ))),

@@ -414,6 +414,22 @@ impl<'c> Reader<'c> {
             .with_context(|| format!("looking up task {reference:?}"))
     }
 
+    /// The task mirroring Plane issue `issue_id` (by `plane_id`, else `plane_issue_id`).
+    /// Unlike [`Reader::find_task`] a number is never read as a task id: a payload cannot
+    /// name an arbitrary task. Tombstoned keys no longer match.
+    pub fn find_task_by_plane_issue(&self, issue_id: &str) -> Result<Option<Task>> {
+        self.c
+            .prepare_cached(&format!(
+                "SELECT {TASK_COLS} FROM tasks WHERE id = (
+                     SELECT id FROM tasks WHERE plane_id = ?1
+                     UNION ALL SELECT id FROM tasks WHERE plane_issue_id = ?1
+                     LIMIT 1)"
+            ))?
+            .query_row([issue_id], task_row)
+            .optional()
+            .with_context(|| format!("looking up the task of Plane issue {issue_id:?}"))
+    }
+
     /// The id of a cancelled task whose tombstoned key was `reference` (for a hint: the
     /// key itself no longer resolves).
     pub fn find_tombstoned(&self, reference: &str) -> Result<Option<i64>> {
@@ -676,7 +692,8 @@ impl<'c> Reader<'c> {
 
     /// Side effects not done (pending or failed), newest first.
     pub fn open_effects(&self, limit: i64) -> Result<Vec<OutboxRow>> {
-        // `status <> 'done'`: the partial index `outbox_status` (see `due_effects`).
+        // `status <> 'done'` repeats the partial index's condition so the planner may use
+        // it: otherwise this scans every side effect ever run.
         let mut stmt = self.c.prepare_cached(&format!(
             "SELECT {OUTBOX_COLS} FROM outbox
              WHERE status IN ('pending', 'failed') AND status <> 'done'
@@ -688,12 +705,11 @@ impl<'c> Reader<'c> {
         Ok(rows)
     }
 
-    /// How many side effects are in `status`, one of those not done (`pending`,
-    /// `failed`): done ones are history and are not counted here.
+    /// How many side effects are `pending` or `failed` (never counts `done`).
     pub fn count_effects(&self, status: &str) -> Result<i64> {
-        // `status <> 'done'`: the partial index `outbox_status` (see `due_effects`).
         Ok(self
             .c
+            // See open_effects: a bound status alone cannot use the partial index.
             .prepare_cached("SELECT count(*) FROM outbox WHERE status = ?1 AND status <> 'done'")?
             .query_row([status], |r| r.get(0))?)
     }
@@ -718,6 +734,14 @@ impl<'c> Reader<'c> {
             .query_map([limit], job_row)?
             .collect::<rusqlite::Result<Vec<_>>>()?;
         Ok(rows)
+    }
+
+    /// Whether any task dependency was ever recorded.
+    pub fn has_deps(&self) -> Result<bool> {
+        Ok(self
+            .c
+            .prepare_cached("SELECT EXISTS(SELECT 1 FROM task_deps)")?
+            .query_row([], |r| r.get(0))?)
     }
 
     /// Live tasks whose dependencies are not all done.

@@ -265,7 +265,9 @@ fn read_intake(v: &Value, event: &str) -> Result<Intake> {
             Some(Value::Object(_)) if opt_str(v, "data.state.id")? == Some(new_value.as_str()) => {
                 opt_str(v, "data.state.name")?.map(String::from)
             }
-            _ => None,
+            None | Some(Value::Object(_) | Value::String(_)) => None,
+            // Anything else is a malformed payload, not a reason to ask Plane for names.
+            Some(other) => return Err(mistyped("data.state", "an object or a string", other)),
         };
         (new_value, name)
     };

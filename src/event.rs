@@ -657,6 +657,12 @@ fn to_analyse(
 fn prepare_pipeline(ctx: &Ctx, payload: &Value, change: &StateChange) -> Result<NewTask> {
     let project = plane_key(payload, "data.project")?;
     let sequence = req_i64(payload, "data.sequence_id")?;
+    if sequence <= 0 {
+        // Plane numbers work items from 1; `ORCH--3` would be a key nobody can type.
+        return Err(bad_input(format!(
+            "malformed Plane delivery: `data.sequence_id` must be a positive integer, got {sequence}"
+        )));
+    }
     let title = opt_str(payload, "data.name")?
         .map(str::trim)
         .filter(|t| !t.is_empty());

@@ -608,10 +608,17 @@ fn route_stop(
         force: false,
         source: Source::Plane,
     };
-    let result = stop::cancel_task(ctx, task.id, &opts)?;
-    // Recorded after the stop: a crash in between lets Plane's retry (or reconcile) finish
-    // it, and a repeated stop is harmless.
-    ctx.store.write(|w| meta.record(w, "stop", Some(task.id)))?;
+    // The delivery is recorded in the stop's own transaction: of two copies of this body
+    // handled at once exactly one decides the stop, the other is a duplicate. The stop's
+    // side effects are outbox rows of that same commit, so a crash after it loses nothing:
+    // reconcile (or an operator's `orchctl stop`) runs what is left.
+    let Some(result) = stop::cancel_task_if(ctx, task.id, &opts, |w| {
+        meta.record(w, "stop", Some(task.id))
+    })?
+    else {
+        out.action = "duplicate".into();
+        return Ok(out);
+    };
     out.action = "stop".into();
     out.note = Some(result.note.clone());
     out.task = result.task.clone();

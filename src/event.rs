@@ -16,7 +16,7 @@
 //! fetches a terminal task and never lets one failing project or task end the pass.
 
 use std::collections::{BTreeMap, HashMap};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use hmac::{Hmac, Mac};
@@ -42,6 +42,9 @@ use crate::Ctx;
 /// bounds each request tighter than the configured timeout.
 const EVENT_MAX_WAIT: Duration = Duration::from_secs(2);
 const EVENT_HTTP_TIMEOUT: Duration = Duration::from_secs(5);
+/// How many request timeouts an event's Plane calls may take together before no new
+/// request starts: with the one in flight, an event answers within four (20 s at most).
+const EVENT_BUDGET_TIMEOUTS: u32 = 3;
 /// Reconcile runs from cron and may wait for Plane's minute window to reset.
 const RECONCILE_MAX_WAIT: Duration = Duration::from_secs(60);
 
@@ -367,6 +370,7 @@ pub fn handle(ctx: &Ctx, body: &[u8], d: &Delivery) -> Result<EventResult> {
         sha: hex::encode(Sha256::digest(body)),
         delivery: header(&d.delivery),
         event,
+        plane_deadline: Instant::now() + EVENT_BUDGET_TIMEOUTS * event_http_timeout(ctx),
     };
     let mut out = EventResult {
         action: "ignored".into(),
@@ -391,7 +395,7 @@ pub fn handle(ctx: &Ctx, body: &[u8], d: &Delivery) -> Result<EventResult> {
         Intake::Ignore(note) => return record_only(ctx, &meta, out, "ignored", &note, None),
         Intake::State(change) => change,
     };
-    let Some(name) = state_name(ctx, &change)? else {
+    let Some(name) = state_name(ctx, &meta, &change)? else {
         let note = format!("state-unknown:{}", change.state_id);
         return record_only(ctx, &meta, out, "ignored", &note, None);
     };
@@ -412,6 +416,8 @@ struct Meta {
     sha: String,
     delivery: Option<String>,
     event: String,
+    /// When the delivery's calls to Plane must have ended (Plane waits 30 s for an answer).
+    plane_deadline: Instant,
 }
 
 /// What a routing transaction decided.
@@ -515,12 +521,13 @@ fn apply(
     Ok(out)
 }
 
-fn event_client<'a>(ctx: &'a Ctx, plane: &'a crate::config::Plane) -> PlaneClient<'a> {
-    PlaneClient::new(
-        plane,
-        ctx.config.http_timeout.min(EVENT_HTTP_TIMEOUT),
-        EVENT_MAX_WAIT,
-    )
+fn event_http_timeout(ctx: &Ctx) -> Duration {
+    ctx.config.http_timeout.min(EVENT_HTTP_TIMEOUT)
+}
+
+fn event_client<'a>(ctx: &'a Ctx, plane: &'a crate::config::Plane, meta: &Meta) -> PlaneClient<'a> {
+    PlaneClient::new(plane, event_http_timeout(ctx), EVENT_MAX_WAIT)
+        .with_deadline(meta.plane_deadline)
 }
 
 /// A failed Plane call during an event: temporary (exit 75, Plane retries) unless
@@ -537,7 +544,7 @@ fn plane_failure(config: &Config, e: EffectError, what: &str) -> anyhow::Error {
 /// The name of the state a change moved to: from the payload when it names that very
 /// state, else from the per-project cache, else from Plane's states API (then cached).
 /// `None` when the project has no such state.
-fn state_name(ctx: &Ctx, change: &StateChange) -> Result<Option<String>> {
+fn state_name(ctx: &Ctx, meta: &Meta, change: &StateChange) -> Result<Option<String>> {
     if let Some(name) = &change.state_name {
         return Ok(Some(name.clone()));
     }
@@ -559,7 +566,7 @@ fn state_name(ctx: &Ctx, change: &StateChange) -> Result<Option<String>> {
             change.state_id
         ))
     })?;
-    refresh_states(ctx, &event_client(ctx, plane), project).map_err(|e| {
+    refresh_states(ctx, &event_client(ctx, plane, meta), project).map_err(|e| {
         plane_failure(
             &ctx.config,
             e,
@@ -640,7 +647,7 @@ fn to_analyse(
         .read(|r| r.find_task_by_plane_issue(&change.issue_id))?;
     // Everything a new pipeline needs is gathered (and Plane asked) before the transaction.
     let prepared = match known {
-        None => Some(prepare_pipeline(ctx, payload, change)?),
+        None => Some(prepare_pipeline(ctx, meta, payload, change)?),
         Some(_) => None,
     };
     let state = out.state.clone();
@@ -661,7 +668,12 @@ fn to_analyse(
 }
 
 /// Everything a new task for this issue needs, validated.
-fn prepare_pipeline(ctx: &Ctx, payload: &Value, change: &StateChange) -> Result<NewTask> {
+fn prepare_pipeline(
+    ctx: &Ctx,
+    meta: &Meta,
+    payload: &Value,
+    change: &StateChange,
+) -> Result<NewTask> {
     let project = plane_key(payload, "data.project")?;
     let sequence = req_i64(payload, "data.sequence_id")?;
     if sequence <= 0 {
@@ -680,7 +692,7 @@ fn prepare_pipeline(ctx: &Ctx, payload: &Value, change: &StateChange) -> Result<
     })?;
     names::validate_repo(repo)
         .map_err(|e| config_err(format!("ORCH_REPO_MAP / ORCH_DEFAULT_REPO: {e:#}")))?;
-    let ident = project_identifier(ctx, project)?;
+    let ident = project_identifier(ctx, meta, project)?;
     let work_item = format!("{ident}-{sequence}");
     names::validate_work_item(&work_item)?;
     let branch = names::default_branch_name(&work_item, title);
@@ -699,7 +711,7 @@ fn prepare_pipeline(ctx: &Ctx, payload: &Value, change: &StateChange) -> Result<
 
 /// The project's identifier (`ORCH` in `ORCH-310`): `ORCH_PROJECT_IDENTIFIERS` (an
 /// operator's explicit word, and no request), else the cache, else Plane's project API.
-fn project_identifier(ctx: &Ctx, project: &str) -> Result<String> {
+fn project_identifier(ctx: &Ctx, meta: &Meta, project: &str) -> Result<String> {
     if let Some((_, ident)) = ctx
         .config
         .project_identifiers
@@ -716,7 +728,7 @@ fn project_identifier(ctx: &Ctx, project: &str) -> Result<String> {
             "no identifier for Plane project {project}: set ORCH_PROJECT_IDENTIFIERS ({project}=<IDENT>) or ORCH_PLANE_URL"
         ))
     })?;
-    let ident = event_client(ctx, plane)
+    let ident = event_client(ctx, plane, meta)
         .project_identifier(project)
         .map_err(|e| plane_failure(&ctx.config, e, &format!("reading Plane project {project}")))?;
     ctx.store

@@ -8,8 +8,10 @@
 //! goes through `stop` (kill switch and scope permitting); To Analyse is the only way a
 //! pipeline starts, and never relaunches a mid-pipeline task while the gate is on;
 //! Approved, Rejected and Confirm Deploy make the moves of SPEC §1. Each change and the
-//! record of the delivery are one transaction; Plane is only called outside it (state
-//! names, the project identifier) and the comment goes through the outbox.
+//! record of the delivery are one transaction (for STOP too, so two copies of one body
+//! act once); Plane is only called outside it (state names, the project identifier),
+//! within a time budget that answers Plane before it gives up on us, and the comment goes
+//! through the outbox.
 //!
 //! `plane_pass` is reconcile's safety net for lost webhooks: it lists each project's work
 //! items a page at a time and stops live tasks whose issue is in STOP or gone. It never

@@ -3,8 +3,9 @@
 //!
 //! The choice and the update are one `BEGIN IMMEDIATE` transaction, so N concurrent
 //! claimers never get the same job. With `--exec` the agent starts detached in its own
-//! session; its pid and start time are recorded under a guard on the run, and if the job
-//! was cancelled between the claim and the launch, the new process group is killed at once.
+//! session; its pid and start time are recorded under a guard on the run, and if the run
+//! changed between the claim and the launch (cancelled by STOP, requeued by reap) or could
+//! not be recorded, the new process group is killed at once: no agent runs unrecorded.
 
 use std::path::PathBuf;
 
@@ -46,7 +47,8 @@ pub struct Claimed {
     pub proc_start: Option<i64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub log: Option<PathBuf>,
-    /// The job was cancelled before its agent could be recorded: the agent was killed.
+    /// The run changed (cancelled, requeued) before its agent could be recorded: the agent
+    /// was killed.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub killed_at_launch: bool,
 }
@@ -176,21 +178,31 @@ pub fn launch(ctx: &Ctx, c: &mut Claimed, argv: &[String]) -> Result<()> {
             )?;
         }
         Ok(ok)
-    })?;
-    if !recorded {
-        let status = ctx.store.read(|r| r.job(c.id))?.map(|j| j.status);
-        if status.as_deref() == Some("cancelled") {
-            // STOP won the race: it found no pid to stop, so the launcher must.
+    });
+    // An agent whose run is not recorded can never be stopped by STOP or judged by reap:
+    // whatever the reason (the database stayed busy, the run was cancelled, requeued or
+    // ended since the claim), the launcher kills it rather than leave it loose.
+    let recorded = match recorded {
+        Ok(r) => r,
+        Err(e) => {
             process::kill_group_now(pid);
-            c.killed_at_launch = true;
-            ctx.store.write(|w| {
-                w.event(
-                    c.task_id,
-                    "job_killed_at_launch",
-                    &json!({ "job_id": c.id, "run_id": c.run_id, "pid": pid }),
-                )
-            })?;
+            return Err(e.context(format!(
+                "recording the agent of job {} run {} (pid {pid}) failed; the agent was killed",
+                c.id, c.run_id
+            )));
         }
+    };
+    if !recorded {
+        process::kill_group_now(pid);
+        c.killed_at_launch = true;
+        let status = ctx.store.read(|r| r.job(c.id))?.map(|j| j.status);
+        ctx.store.write(|w| {
+            w.event(
+                c.task_id,
+                "job_killed_at_launch",
+                &json!({ "job_id": c.id, "run_id": c.run_id, "pid": pid, "job_status": status }),
+            )
+        })?;
         if let Some(s) = status {
             c.status = s;
         }

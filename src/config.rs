@@ -21,6 +21,9 @@ pub const SECRET_VARS: [&str; 3] = [
     "ORCH_PLANE_WEBHOOK_SECRET",
 ];
 
+/// The longest duration any `ORCH_*` variable may ask for: one day.
+pub const MAX_SECS: i64 = 86_400;
+
 /// Every configuration variable as `(name, default, meaning)`, for people: README's table,
 /// the example environment file (scripts/orchctl.env) and the man page are checked against
 /// it and against the names this module reads (tests/docs.rs). An empty default means
@@ -133,6 +136,9 @@ pub struct Config {
     pub http_timeout: Duration,
     /// Bound on every git child process.
     pub git_timeout: Duration,
+    /// Every value of [`SECRET_VARS`] that is set, whether or not its integration is
+    /// configured: a token is scrubbed from text even when its URL is missing.
+    pub secret_values: Vec<Secret>,
 }
 
 /// The default state folder: `$XDG_STATE_HOME/orchctl` or `~/.local/state/orchctl`.
@@ -205,11 +211,15 @@ impl Config {
                 None => Ok(default),
             }
         };
+        // Durations are bounded: a deadline of "now + 1e20 s" cannot be represented, and
+        // no wait orchctl does makes sense beyond a day.
         let secs = |k: &str, default: f64| -> Result<Duration> {
             match nonempty(k) {
                 Some(v) => match v.trim().parse::<f64>() {
-                    Ok(n) if n.is_finite() && n >= 0.0 => Ok(Duration::from_secs_f64(n)),
-                    _ => Err(config_err(format!("{k}={v:?} is not a number of seconds"))),
+                    Ok(n) if (0.0..=MAX_SECS as f64).contains(&n) => Ok(Duration::from_secs_f64(n)),
+                    _ => Err(config_err(format!(
+                        "{k}={v:?} is not a number of seconds between 0 and {MAX_SECS}"
+                    ))),
                 },
                 None => Ok(Duration::from_secs_f64(default)),
             }
@@ -281,10 +291,23 @@ impl Config {
             notify_cmd,
             outbox_max_attempts: number("ORCH_OUTBOX_MAX_ATTEMPTS", 10, 1)?,
             outbox_backoff_secs: number("ORCH_OUTBOX_BACKOFF_SECS", 15, 0)?,
-            busy_timeout_ms: number("ORCH_BUSY_TIMEOUT_MS", 5000, 0)? as u64,
+            busy_timeout_ms: match number("ORCH_BUSY_TIMEOUT_MS", 5000, 0)? {
+                ms if ms <= MAX_SECS * 1000 => ms as u64,
+                ms => {
+                    return Err(config_err(format!(
+                        "ORCH_BUSY_TIMEOUT_MS={ms} is longer than a day ({} ms)",
+                        MAX_SECS * 1000
+                    )))
+                }
+            },
             claim_timeout_secs: number("ORCH_CLAIM_TIMEOUT_SECS", 3600, 0)?,
             http_timeout: secs("ORCH_HTTP_TIMEOUT_SECS", 10.0)?,
             git_timeout: secs("ORCH_GIT_TIMEOUT_SECS", 60.0)?,
+            secret_values: SECRET_VARS
+                .iter()
+                .filter_map(|k| get(k))
+                .map(|v| Secret::new(v.trim()))
+                .collect(),
         })
     }
 
@@ -305,7 +328,7 @@ impl Config {
 
     /// Every secret value configured, for scrubbing text that came from the outside world.
     pub fn secrets(&self) -> Vec<&str> {
-        let mut out = Vec::new();
+        let mut out: Vec<&str> = self.secret_values.iter().map(Secret::expose).collect();
         if let Some(t) = self.gitea.as_ref().and_then(|g| g.token.as_ref()) {
             out.push(t.expose());
         }
@@ -316,17 +339,38 @@ impl Config {
             out.push(s.expose());
         }
         out.retain(|s| !s.is_empty());
+        // Longest first, so a secret that contains another is replaced whole.
+        out.sort_by_key(|s| std::cmp::Reverse(s.len()));
+        out.dedup();
         out
     }
 
     /// Replaces every configured secret in `text` by `***` (server error bodies, git stderr).
     pub fn scrub(&self, text: &str) -> String {
-        let mut out = text.to_string();
-        for s in self.secrets() {
-            out = out.replace(s, "***");
-        }
-        out
+        scrub_text(&self.secrets(), text)
     }
+}
+
+/// Replaces each of `secrets` in `text` by `***`.
+pub fn scrub_text(secrets: &[&str], text: &str) -> String {
+    let mut out = text.to_string();
+    for s in secrets.iter().filter(|s| !s.is_empty()) {
+        out = out.replace(s, "***");
+    }
+    out
+}
+
+/// Scrubs the secrets of the process environment from `text`: for error messages printed
+/// when no [`Config`] could be built.
+pub fn scrub_env(text: &str) -> String {
+    let mut values: Vec<String> = SECRET_VARS
+        .iter()
+        .filter_map(|k| std::env::var(k).ok())
+        .map(|v| v.trim().to_string())
+        .collect();
+    values.sort_by_key(|s| std::cmp::Reverse(s.len()));
+    let refs: Vec<&str> = values.iter().map(String::as_str).collect();
+    scrub_text(&refs, text)
 }
 
 #[cfg(test)]
@@ -380,6 +424,35 @@ mod tests {
     }
 
     #[test]
+    fn durations_out_of_range_are_configuration_errors_not_panics() {
+        for (k, v) in [
+            ("ORCH_STOP_GRACE_SECS", "1e20"),
+            ("ORCH_STOP_GRACE_SECS", "1e18"),
+            ("ORCH_STOP_GRACE_SECS", "NaN"),
+            ("ORCH_STOP_GRACE_SECS", "inf"),
+            ("ORCH_STOP_GRACE_SECS", "-1"),
+            ("ORCH_HTTP_TIMEOUT_SECS", "86401"),
+            ("ORCH_GIT_TIMEOUT_SECS", "1e300"),
+            ("ORCH_BUSY_TIMEOUT_MS", "3000000000"),
+            ("ORCH_BUSY_TIMEOUT_MS", "99999999999999999999"),
+        ] {
+            let err = cfg(&[(k, v)]).unwrap_err();
+            assert_eq!(
+                crate::error::exit_kind(&err),
+                crate::error::ExitKind::Config,
+                "{k}={v}"
+            );
+        }
+        let c = cfg(&[
+            ("ORCH_STOP_GRACE_SECS", "86400"),
+            ("ORCH_BUSY_TIMEOUT_MS", "86400000"),
+        ])
+        .unwrap();
+        assert_eq!(c.stop_grace, Duration::from_secs(86_400));
+        assert_eq!(c.busy_timeout_ms, 86_400_000);
+    }
+
+    #[test]
     fn stop_scope_is_a_csv_of_repos() {
         let c = cfg(&[("ORCH_STOP_REPOS", "enduro-trails, other")]).unwrap();
         assert!(c.stop_applies("enduro-trails"));
@@ -399,5 +472,13 @@ mod tests {
         assert!(!format!("{c:?}").contains("tok-123"));
         assert_eq!(c.scrub("bad token tok-123!"), "bad token ***!");
         assert_eq!(c.gitea.unwrap().url, "http://g");
+        // A token is scrubbed even when its integration is not configured.
+        let c = cfg(&[
+            ("ORCH_PLANE_API_TOKEN", "plane-tok"),
+            ("ORCH_GITEA_TOKEN", "gitea-tok"),
+        ])
+        .unwrap();
+        assert!(c.plane.is_none() && c.gitea.is_none());
+        assert_eq!(c.scrub("x plane-tok y"), "x *** y");
     }
 }

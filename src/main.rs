@@ -9,6 +9,7 @@ use serde::Serialize;
 use serde_json::{json, Value};
 
 use orchctl::cli::{Cli, Command, DeployOutcomeArg, Format, TaskCommand};
+use orchctl::config::scrub_env;
 use orchctl::error::{self, ExitKind};
 use orchctl::{claim, deploy, event, jobs, queue, reconcile, render, stop, tasks, Config, Ctx};
 
@@ -113,10 +114,11 @@ fn main() -> ExitCode {
                 // `orchctl` or `orchctl task` alone: the help is the useful answer.
                 let _ = e.print();
             } else {
+                // clap quotes the offending argument, which may be a pasted token.
                 let (message, hint) = usage_error(&e);
-                eprintln!("orchctl: {message}");
+                eprintln!("orchctl: {}", scrub_env(&message));
                 if let Some(h) = hint {
-                    eprintln!("orchctl: hint: {h}");
+                    eprintln!("orchctl: hint: {}", scrub_env(&h));
                 }
             }
             return ExitCode::from(ExitKind::Usage.code());
@@ -132,9 +134,11 @@ fn main() -> ExitCode {
         Ok(None) => ExitCode::from(ExitKind::NothingToClaim.code()),
         Err(err) => {
             let kind = error::exit_kind(&err);
-            eprintln!("orchctl: {err:#}");
+            // Messages are built from names and ids, never tokens; scrubbing is the backstop
+            // for text that came from outside (git's stderr, a server's answer).
+            eprintln!("orchctl: {}", scrub_env(&format!("{err:#}")));
             if let Some(h) = error::hint(&err) {
-                eprintln!("orchctl: hint: {h}");
+                eprintln!("orchctl: hint: {}", scrub_env(&h));
             }
             ExitCode::from(kind.code())
         }
@@ -143,7 +147,7 @@ fn main() -> ExitCode {
 
 fn emit(output: Output, format: Format) -> ExitCode {
     if let Some(w) = &output.warning {
-        eprintln!("orchctl: warning: {w}");
+        eprintln!("orchctl: warning: {}", scrub_env(w));
     }
     let text = match format {
         Format::Json => format!("{}\n", output.json),

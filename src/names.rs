@@ -41,6 +41,10 @@ pub fn branch_problem(name: &str) -> Option<&'static str> {
     if name == "@" {
         return Some("it is '@'");
     }
+    // `git check-ref-format --branch` refuses it: it would shadow the symbolic HEAD.
+    if name == "HEAD" {
+        return Some("it is 'HEAD'");
+    }
     if name.contains("..") {
         return Some("it contains '..'");
     }
@@ -197,6 +201,7 @@ mod tests {
             "a\\b",
             "a.",
             "@",
+            "HEAD",
         ] {
             assert!(branch_problem(bad).is_some(), "{bad:?}");
         }

@@ -9,6 +9,7 @@
 //! Effects never run inside a database transaction: the database is never locked while
 //! waiting for a process, git or HTTP.
 
+use std::collections::HashSet;
 use std::path::PathBuf;
 
 use anyhow::Result;
@@ -166,16 +167,31 @@ pub fn run_due(ctx: &Ctx) -> Result<OutboxPass> {
 }
 
 /// Runs `rows` in order. A row that another live process has claimed is reported `busy`
-/// and left to it.
+/// and left to it — and so are the task's later rows: a task's effects run in the order
+/// they were written (stop the agent, then remove its worktree, then delete its branch),
+/// and the process that holds the earlier row will run them. Otherwise a second STOP could
+/// delete the branch while the first is still waiting for the agent to die, and the agent
+/// could push it again.
 pub fn run_rows(ctx: &Ctx, rows: &[OutboxRow]) -> Result<Vec<EffectReport>> {
     let me = process::self_identity();
     let lease = lease_secs(&ctx.config);
     let mut out = Vec::with_capacity(rows.len());
+    let mut held_elsewhere: HashSet<i64> = HashSet::new();
     for row in rows {
+        if row.task_id.is_some_and(|t| held_elsewhere.contains(&t)) {
+            out.push(report(row, "busy", None, None, None));
+            continue;
+        }
+        let mut busy = |row: &OutboxRow, out: &mut Vec<EffectReport>| {
+            if let Some(t) = row.task_id {
+                held_elsewhere.insert(t);
+            }
+            out.push(report(row, "busy", None, None, None));
+        };
         let observed = (row.claimed_pid, row.claimed_start);
         if let (Some(pid), Some(start)) = observed {
             if process::liveness(pid, Some(start)) == process::Liveness::Alive && pid != me.0 {
-                out.push(report(row, "busy", None, None, None));
+                busy(row, &mut out);
                 continue;
             }
         }
@@ -197,7 +213,7 @@ pub fn run_rows(ctx: &Ctx, rows: &[OutboxRow]) -> Result<Vec<EffectReport>> {
             .store
             .write(|w| w.claim_effect(row.id, observed, me, lease))?
         {
-            out.push(report(row, "busy", None, None, None));
+            busy(row, &mut out);
             continue;
         }
         let attempt = row.attempts + 1;
@@ -436,9 +452,22 @@ fn execute(c: &Config, row: &OutboxRow, effect: &Effect) -> Executed {
             let Some(argv) = &c.notify_cmd else {
                 return Ok(("skipped: ORCH_NOTIFY_CMD not set".into(), None));
             };
+            // The hook runs at least once: a crash between its run and the record of it
+            // runs it again. A key stable across retries lets the hook drop the repeat.
+            let mut event = event.clone();
+            if let Value::Object(m) = &mut event {
+                m.insert(
+                    "notification_id".into(),
+                    json!(format!(
+                        "orchctl-{}-{}",
+                        row.id,
+                        short_hash(&format!("{}/notify", row.created_at))
+                    )),
+                );
+            }
             notify::run(
                 argv,
-                event,
+                &event,
                 c.http_timeout.max(std::time::Duration::from_secs(10)),
             )?;
             Ok(("notify command ran".into(), None))

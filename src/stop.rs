@@ -121,7 +121,8 @@ enum Decision {
 pub fn stop(ctx: &Ctx, reference: &str, opts: &StopOptions) -> Result<StopResult> {
     match ctx.store.read(|r| r.find_task(reference))? {
         Some(task) => cancel_task(ctx, task.id, opts),
-        None => Ok(no_task(reference)),
+        // The reference is echoed back: scrub it, in case a token was pasted by mistake.
+        None => Ok(no_task(&ctx.config.scrub(reference))),
     }
 }
 

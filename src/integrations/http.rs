@@ -1,7 +1,7 @@
 //! A small blocking HTTP layer over ureq: bounded time, statuses as values, bodies capped.
 //!
-//! Error texts name the method and path only: tokens travel in headers and are never part
-//! of a URL, so nothing here can leak one.
+//! Error texts name the method and the URL without its query or credentials: tokens travel
+//! in headers and are never part of a URL, so nothing here can leak one.
 
 use std::time::Duration;
 
@@ -80,7 +80,7 @@ pub fn send(
     headers: &[(&str, &str)],
     json: Option<&serde_json::Value>,
 ) -> Result<Answer, String> {
-    let what = format!("{method} {}", redact_query(url));
+    let what = format!("{method} {}", redact(url));
     let result = match method {
         "GET" | "DELETE" => {
             let mut req = if method == "GET" {
@@ -116,8 +116,17 @@ pub fn send(
     }
 }
 
-fn redact_query(url: &str) -> &str {
-    url.split('?').next().unwrap_or(url)
+/// The URL as error texts show it: no query string, and no `user:password@` (an operator
+/// may have put credentials into `ORCH_GITEA_URL` or `ORCH_PLANE_URL`).
+fn redact(url: &str) -> String {
+    let url = url.split('?').next().unwrap_or(url);
+    if let Some((scheme, rest)) = url.split_once("://") {
+        let authority_end = rest.find('/').unwrap_or(rest.len());
+        if let Some(at) = rest[..authority_end].rfind('@') {
+            return format!("{scheme}://{}", &rest[at + 1..]);
+        }
+    }
+    url.to_string()
 }
 
 #[cfg(test)]
@@ -129,5 +138,15 @@ mod tests {
         assert_eq!(segments("feature/ORCH-1-x"), "feature/ORCH-1-x");
         assert_eq!(segments("feature/a b#c"), "feature/a%20b%23c");
         assert_eq!(segment("a/b"), "a%2Fb");
+    }
+
+    #[test]
+    fn error_texts_show_no_credentials_or_query() {
+        assert_eq!(
+            redact("https://bot:hunter2@gitea.example/api/v1/x?token=abc"),
+            "https://gitea.example/api/v1/x"
+        );
+        assert_eq!(redact("http://h:3000/a@b"), "http://h:3000/a@b");
+        assert_eq!(redact("http://h/p"), "http://h/p");
     }
 }

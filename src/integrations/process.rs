@@ -8,7 +8,7 @@
 //! machines whose init does not reap orphans it would otherwise look alive forever.
 //! nix is kept behind this module; "already exited" (ESRCH) is success.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::ffi::OsString;
 use std::fs::File;
 use std::io::{Read, Write};
@@ -30,6 +30,7 @@ use crate::config::SECRET_VARS;
 pub struct ProcStat {
     pub pid: i32,
     pub state: char,
+    pub ppid: i32,
     pub pgrp: i32,
     pub session: i32,
     /// Field 22: start time in clock ticks since boot.
@@ -54,6 +55,7 @@ pub fn parse_stat(line: &str) -> Option<ProcStat> {
     Some(ProcStat {
         pid,
         state: rest.first()?.chars().next()?,
+        ppid: rest.get(1)?.parse().ok()?,
         pgrp: rest.get(2)?.parse().ok()?,
         session: rest.get(3)?.parse().ok()?,
         start: rest.get(19)?.parse().ok()?,
@@ -124,6 +126,33 @@ pub fn group_alive(pgid: i32) -> bool {
     }
 }
 
+/// Live descendants (pid, start time) of group `pgid`'s members that are in another group.
+fn escaped_descendants(pgid: i32) -> Vec<(i32, i64)> {
+    let procs = live_processes();
+    let mut family: HashSet<i32> = procs
+        .iter()
+        .filter(|p| p.pgrp == pgid)
+        .map(|p| p.pid)
+        .collect();
+    // Parents before children is not guaranteed by /proc order: repeat until stable.
+    loop {
+        let before = family.len();
+        for p in &procs {
+            if family.contains(&p.ppid) {
+                family.insert(p.pid);
+            }
+        }
+        if family.len() == before {
+            break;
+        }
+    }
+    procs
+        .iter()
+        .filter(|p| p.pgrp != pgid && family.contains(&p.pid))
+        .map(|p| (p.pid, p.start))
+        .collect()
+}
+
 /// How a stop ended.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(tag = "outcome", rename_all = "snake_case")]
@@ -132,7 +161,8 @@ pub enum StopOutcome {
     Stopped {
         signal: String,
         waited_ms: u64,
-        /// Processes of the agent's session that had left its group: reported, not hunted.
+        /// Processes that had left the agent's group (its session's other groups, and its
+        /// descendants that called setsid/setpgid): reported, never hunted.
         strays: Vec<i32>,
     },
     /// Nothing to stop: the process had already exited.
@@ -217,6 +247,9 @@ pub fn stop_agent(
         )));
     }
     let session = found.session;
+    // Descendants that left the group (setsid, setpgid) are noted before any signal: once
+    // their parent dies they are re-parented and can no longer be told from strangers.
+    let escaped = escaped_descendants(pgid);
     let started = Instant::now();
     let signal = |sig: Signal| -> Result<(), StopFailure> {
         match killpg(Pid::from_raw(pgid), sig) {
@@ -242,11 +275,15 @@ pub fn stop_agent(
             });
         }
     }
-    let strays = live_processes()
+    let mut strays: Vec<i32> = live_processes()
         .iter()
-        .filter(|p| p.session == session && p.pgrp != pgid)
+        .filter(|p| {
+            p.pgrp != pgid
+                && (p.session == session || escaped.iter().any(|e| e.0 == p.pid && e.1 == p.start))
+        })
         .map(|p| p.pid)
         .collect();
+    strays.sort_unstable();
     Ok(StopOutcome::Stopped {
         signal: used.into(),
         waited_ms: started.elapsed().as_millis() as u64,
@@ -317,7 +354,8 @@ pub struct ChildOutput {
 }
 
 /// Runs `program args` (an argument vector, never a shell) in its own process group with
-/// `stdin` fed to it, killing the whole group when it runs past `limit`.
+/// `stdin` fed to it, killing the whole group when it runs past `limit`. The child gets
+/// SIGKILL if orchctl dies first.
 pub fn run_limited(
     program: &str,
     args: &[OsString],
@@ -340,6 +378,22 @@ pub fn run_limited(
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .process_group(0);
+    // The child dies with orchctl: killed mid-command, orchctl would otherwise leave a
+    // stalled git holding the clone's locks while the retry runs, with nothing left to
+    // bound its time.
+    let parent = nix::unistd::getpid();
+    // SAFETY: prctl and getppid are async-signal-safe and touch no memory of the parent.
+    unsafe {
+        cmd.pre_exec(move || {
+            nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(std::io::Error::from)?;
+            if nix::unistd::getppid() != parent {
+                return Err(std::io::Error::other(
+                    "orchctl exited while starting a child",
+                ));
+            }
+            Ok(())
+        });
+    }
     if let Some(d) = dir {
         cmd.current_dir(d);
     }
@@ -419,6 +473,7 @@ mod tests {
         let s = parse_stat(line).unwrap();
         assert_eq!(s.pid, 4242);
         assert_eq!(s.state, 'S');
+        assert_eq!(s.ppid, 1);
         assert_eq!(s.pgrp, 4242);
         assert_eq!(s.session, 4242);
         assert_eq!(s.start, 987654);

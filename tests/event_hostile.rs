@@ -1649,3 +1649,102 @@ fn two_concurrent_deliveries_of_one_body_act_once() {
         0
     );
 }
+
+// ------------------------------------------------------------ reconcile's Plane pass
+
+/// A Plane listing whose only work item is in STOP.
+fn listing_with_stop(issue: &str) -> Value {
+    let mut item = fixture_json("issue_get.json");
+    item["id"] = json!(issue);
+    item["state"] = json!(STOP);
+    json!({
+        "next_cursor": "100:1:0", "prev_cursor": "100:-1:1",
+        "next_page_results": false, "prev_page_results": false,
+        "count": 1, "total_pages": 1, "total_results": 1, "results": [item],
+    })
+}
+
+/// Plane refusing, failing or rate-limiting reconcile's pass: the pass still does the rest
+/// of its work, exits 0 within a bound derived from the timeouts, records the error without
+/// the token, changes nothing Plane-driven, and a later pass with Plane back applies the
+/// missed STOP.
+#[test]
+fn reconcile_survives_plane_being_down_and_catches_up_when_it_is_back() {
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("http://{}", l.local_addr().unwrap())
+    };
+    enum Down {
+        Refused,
+        Answer(u16, Option<&'static str>),
+    }
+    for down in [
+        Down::Refused,
+        Down::Answer(500, None),
+        Down::Answer(503, None),
+        Down::Answer(429, Some("3600")),
+    ] {
+        let server = MockServer::start();
+        let mut env = Env::new();
+        with_plane(&mut env, &server);
+        env.set("ORCH_HTTP_TIMEOUT_SECS", "2");
+        let mut failing = None;
+        match &down {
+            Down::Refused => {
+                env.set("ORCH_PLANE_URL", &closed);
+            }
+            Down::Answer(status, retry_after) => {
+                let (status, retry_after) = (*status, *retry_after);
+                failing = Some(server.mock(|when, then| {
+                    when.path_contains("/api/");
+                    let then = then.status(status).body(format!("token was {TOKEN}"));
+                    if let Some(r) = retry_after {
+                        then.header("Retry-After", r);
+                    }
+                }));
+            }
+        }
+        let task = env.make_task(ISSUE, "ORCH-42", "development", None);
+        crate::event::set_project(&env, task, PROJECT);
+        // Work that does not need Plane: a deferred STOP whose window has closed.
+        let deferred = env.make_task(&issue_id(7), "ORCH-7", "development", None);
+        env.ctx()
+            .store
+            .write(|w| w.set_cancel_requested(deferred, "earlier STOP"))
+            .unwrap();
+
+        let started = Instant::now();
+        let (code, stdout, stderr) = env.run(&["reconcile"]);
+        let took = started.elapsed();
+
+        assert_eq!(code, 0, "{stderr}");
+        // Each listing is one bounded request; a 429 asking for an hour is not waited out.
+        assert!(took < Duration::from_secs(30), "reconcile took {took:?}");
+        let r: Value = serde_json::from_str(&stdout).unwrap();
+        assert_eq!(r["deferred_applied"], 1, "the rest of the pass ran: {r}");
+        let errors = r["plane"]["errors"].as_array().unwrap();
+        assert!(!errors.is_empty(), "the outage is reported: {r}");
+        assert!(!stdout.contains(TOKEN) && !stderr.contains(TOKEN));
+        assert_eq!(env.task(task).stage, "development");
+        assert_eq!(env.task(deferred).stage, "cancelled");
+
+        // Plane is back: the missed STOP is applied.
+        if let Some(m) = failing.as_mut() {
+            m.delete();
+        }
+        env.set("ORCH_PLANE_URL", &server.base_url());
+        server.mock(|when, then| {
+            when.method(GET).path(api("issues/"));
+            then.status(200).json_body(listing_with_stop(ISSUE));
+        });
+        states_mock(&server);
+        server.mock(|when, then| {
+            when.method(POST).path_contains("/comments/");
+            then.status(201).json_body(json!({ "id": "c" }));
+        });
+        let r = env.json(&["reconcile"]);
+        assert_eq!(r["plane"]["stopped"], 1, "{r}");
+        assert_eq!(env.task(task).stage, "cancelled");
+        assert_eq!(r["plane"]["errors"], json!([]), "{r}");
+    }
+}

@@ -8,15 +8,17 @@
 //! goes through `stop` (kill switch and scope permitting); To Analyse is the only way a
 //! pipeline starts, and never relaunches a mid-pipeline task while the gate is on;
 //! Approved, Rejected and Confirm Deploy make the moves of SPEC §1. Each change and the
-//! record of the delivery are one transaction; Plane is only called outside it (state
-//! names, the project identifier) and the comment goes through the outbox.
+//! record of the delivery are one transaction (for STOP too, so two copies of one body
+//! act once); Plane is only called outside it (state names, the project identifier),
+//! within a time budget that answers Plane before it gives up on us, and the comment goes
+//! through the outbox.
 //!
 //! `plane_pass` is reconcile's safety net for lost webhooks: it lists each project's work
 //! items a page at a time and stops live tasks whose issue is in STOP or gone. It never
 //! fetches a terminal task and never lets one failing project or task end the pass.
 
 use std::collections::{BTreeMap, HashMap};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use hmac::{Hmac, Mac};
@@ -42,6 +44,9 @@ use crate::Ctx;
 /// bounds each request tighter than the configured timeout.
 const EVENT_MAX_WAIT: Duration = Duration::from_secs(2);
 const EVENT_HTTP_TIMEOUT: Duration = Duration::from_secs(5);
+/// How many request timeouts an event's Plane calls may take together before no new
+/// request starts: with the one in flight, an event answers within four (20 s at most).
+const EVENT_BUDGET_TIMEOUTS: u32 = 3;
 /// Reconcile runs from cron and may wait for Plane's minute window to reset.
 const RECONCILE_MAX_WAIT: Duration = Duration::from_secs(60);
 
@@ -265,7 +270,9 @@ fn read_intake(v: &Value, event: &str) -> Result<Intake> {
             Some(Value::Object(_)) if opt_str(v, "data.state.id")? == Some(new_value.as_str()) => {
                 opt_str(v, "data.state.name")?.map(String::from)
             }
-            _ => None,
+            None | Some(Value::Object(_) | Value::String(_)) => None,
+            // Anything else is a malformed payload, not a reason to ask Plane for names.
+            Some(other) => return Err(mistyped("data.state", "an object or a string", other)),
         };
         (new_value, name)
     };
@@ -365,6 +372,7 @@ pub fn handle(ctx: &Ctx, body: &[u8], d: &Delivery) -> Result<EventResult> {
         sha: hex::encode(Sha256::digest(body)),
         delivery: header(&d.delivery),
         event,
+        plane_deadline: Instant::now() + EVENT_BUDGET_TIMEOUTS * event_http_timeout(ctx),
     };
     let mut out = EventResult {
         action: "ignored".into(),
@@ -389,7 +397,7 @@ pub fn handle(ctx: &Ctx, body: &[u8], d: &Delivery) -> Result<EventResult> {
         Intake::Ignore(note) => return record_only(ctx, &meta, out, "ignored", &note, None),
         Intake::State(change) => change,
     };
-    let Some(name) = state_name(ctx, &change)? else {
+    let Some(name) = state_name(ctx, &meta, &change)? else {
         let note = format!("state-unknown:{}", change.state_id);
         return record_only(ctx, &meta, out, "ignored", &note, None);
     };
@@ -410,6 +418,8 @@ struct Meta {
     sha: String,
     delivery: Option<String>,
     event: String,
+    /// When the delivery's calls to Plane must have ended (Plane waits 30 s for an answer).
+    plane_deadline: Instant,
 }
 
 /// What a routing transaction decided.
@@ -513,12 +523,13 @@ fn apply(
     Ok(out)
 }
 
-fn event_client<'a>(ctx: &'a Ctx, plane: &'a crate::config::Plane) -> PlaneClient<'a> {
-    PlaneClient::new(
-        plane,
-        ctx.config.http_timeout.min(EVENT_HTTP_TIMEOUT),
-        EVENT_MAX_WAIT,
-    )
+fn event_http_timeout(ctx: &Ctx) -> Duration {
+    ctx.config.http_timeout.min(EVENT_HTTP_TIMEOUT)
+}
+
+fn event_client<'a>(ctx: &'a Ctx, plane: &'a crate::config::Plane, meta: &Meta) -> PlaneClient<'a> {
+    PlaneClient::new(plane, event_http_timeout(ctx), EVENT_MAX_WAIT)
+        .with_deadline(meta.plane_deadline)
 }
 
 /// A failed Plane call during an event: temporary (exit 75, Plane retries) unless
@@ -535,7 +546,7 @@ fn plane_failure(config: &Config, e: EffectError, what: &str) -> anyhow::Error {
 /// The name of the state a change moved to: from the payload when it names that very
 /// state, else from the per-project cache, else from Plane's states API (then cached).
 /// `None` when the project has no such state.
-fn state_name(ctx: &Ctx, change: &StateChange) -> Result<Option<String>> {
+fn state_name(ctx: &Ctx, meta: &Meta, change: &StateChange) -> Result<Option<String>> {
     if let Some(name) = &change.state_name {
         return Ok(Some(name.clone()));
     }
@@ -557,7 +568,7 @@ fn state_name(ctx: &Ctx, change: &StateChange) -> Result<Option<String>> {
             change.state_id
         ))
     })?;
-    refresh_states(ctx, &event_client(ctx, plane), project).map_err(|e| {
+    refresh_states(ctx, &event_client(ctx, plane, meta), project).map_err(|e| {
         plane_failure(
             &ctx.config,
             e,
@@ -606,10 +617,17 @@ fn route_stop(
         force: false,
         source: Source::Plane,
     };
-    let result = stop::cancel_task(ctx, task.id, &opts)?;
-    // Recorded after the stop: a crash in between lets Plane's retry (or reconcile) finish
-    // it, and a repeated stop is harmless.
-    ctx.store.write(|w| meta.record(w, "stop", Some(task.id)))?;
+    // The delivery is recorded in the stop's own transaction: of two copies of this body
+    // handled at once exactly one decides the stop, the other is a duplicate. The stop's
+    // side effects are outbox rows of that same commit, so a crash after it loses nothing:
+    // reconcile (or an operator's `orchctl stop`) runs what is left.
+    let Some(result) = stop::cancel_task_if(ctx, task.id, &opts, |w| {
+        meta.record(w, "stop", Some(task.id))
+    })?
+    else {
+        out.action = "duplicate".into();
+        return Ok(out);
+    };
     out.action = "stop".into();
     out.note = Some(result.note.clone());
     out.task = result.task.clone();
@@ -631,7 +649,7 @@ fn to_analyse(
         .read(|r| r.find_task_by_plane_issue(&change.issue_id))?;
     // Everything a new pipeline needs is gathered (and Plane asked) before the transaction.
     let prepared = match known {
-        None => Some(prepare_pipeline(ctx, payload, change)?),
+        None => Some(prepare_pipeline(ctx, meta, payload, change)?),
         Some(_) => None,
     };
     let state = out.state.clone();
@@ -652,9 +670,20 @@ fn to_analyse(
 }
 
 /// Everything a new task for this issue needs, validated.
-fn prepare_pipeline(ctx: &Ctx, payload: &Value, change: &StateChange) -> Result<NewTask> {
+fn prepare_pipeline(
+    ctx: &Ctx,
+    meta: &Meta,
+    payload: &Value,
+    change: &StateChange,
+) -> Result<NewTask> {
     let project = plane_key(payload, "data.project")?;
     let sequence = req_i64(payload, "data.sequence_id")?;
+    if sequence <= 0 {
+        // Plane numbers work items from 1; `ORCH--3` would be a key nobody can type.
+        return Err(bad_input(format!(
+            "malformed Plane delivery: `data.sequence_id` must be a positive integer, got {sequence}"
+        )));
+    }
     let title = opt_str(payload, "data.name")?
         .map(str::trim)
         .filter(|t| !t.is_empty());
@@ -665,7 +694,7 @@ fn prepare_pipeline(ctx: &Ctx, payload: &Value, change: &StateChange) -> Result<
     })?;
     names::validate_repo(repo)
         .map_err(|e| config_err(format!("ORCH_REPO_MAP / ORCH_DEFAULT_REPO: {e:#}")))?;
-    let ident = project_identifier(ctx, project)?;
+    let ident = project_identifier(ctx, meta, project)?;
     let work_item = format!("{ident}-{sequence}");
     names::validate_work_item(&work_item)?;
     let branch = names::default_branch_name(&work_item, title);
@@ -684,7 +713,7 @@ fn prepare_pipeline(ctx: &Ctx, payload: &Value, change: &StateChange) -> Result<
 
 /// The project's identifier (`ORCH` in `ORCH-310`): `ORCH_PROJECT_IDENTIFIERS` (an
 /// operator's explicit word, and no request), else the cache, else Plane's project API.
-fn project_identifier(ctx: &Ctx, project: &str) -> Result<String> {
+fn project_identifier(ctx: &Ctx, meta: &Meta, project: &str) -> Result<String> {
     if let Some((_, ident)) = ctx
         .config
         .project_identifiers
@@ -701,7 +730,7 @@ fn project_identifier(ctx: &Ctx, project: &str) -> Result<String> {
             "no identifier for Plane project {project}: set ORCH_PROJECT_IDENTIFIERS ({project}=<IDENT>) or ORCH_PLANE_URL"
         ))
     })?;
-    let ident = event_client(ctx, plane)
+    let ident = event_client(ctx, plane, meta)
         .project_identifier(project)
         .map_err(|e| plane_failure(&ctx.config, e, &format!("reading Plane project {project}")))?;
     ctx.store

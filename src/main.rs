@@ -151,10 +151,12 @@ fn emit(output: Output, format: Format) -> ExitCode {
     }
     let text = match format {
         Format::Json => format!("{}\n", output.json),
-        Format::Text => match output.text {
+        // Titles and reasons come from Plane and operators: a terminal must not receive
+        // their escape sequences (JSON escapes them by itself).
+        Format::Text => render::printable(&match output.text {
             Some(f) => f(&output.json),
             None => render::generic(&output.json),
-        },
+        }),
     };
     let mut stdout = std::io::stdout().lock();
     match stdout

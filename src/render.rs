@@ -54,6 +54,19 @@ fn short_time(s: &str) -> String {
     }
 }
 
+/// `text` with every control character but the newline shown as `?` (tabs as a space),
+/// so no escape sequence from stored data reaches a terminal.
+pub fn printable(text: &str) -> String {
+    text.chars()
+        .map(|c| match c {
+            '\n' => '\n',
+            '\t' => ' ',
+            c if c.is_control() => '?',
+            c => c,
+        })
+        .collect()
+}
+
 fn cell(v: Option<&Value>) -> String {
     match v {
         None => "-".into(),

@@ -110,6 +110,7 @@ pub fn in_critical_window(r: &Reader, task: &Task) -> Result<bool> {
 
 /// What the transaction decided.
 enum Decision {
+    Declined,
     NoTask,
     Terminal(String),
     Deferred { first: bool, jobs_cancelled: usize },
@@ -140,7 +141,24 @@ fn no_task(reference: &str) -> StopResult {
 
 /// Stops task `task_id` (SPEC §3 rules 1–5).
 pub fn cancel_task(ctx: &Ctx, task_id: i64, opts: &StopOptions) -> Result<StopResult> {
+    let result = cancel_task_if(ctx, task_id, opts, |_| Ok(true))?;
+    result.ok_or_else(|| anyhow::anyhow!("the stop of task {task_id} was declined"))
+}
+
+/// [`cancel_task`], with `first` run at the start of its transaction: when `first` returns
+/// false nothing is decided or written and the answer is `None`. Plane's intake records
+/// its delivery this way, so that of two copies of one STOP delivery exactly one decides
+/// (and reports) the stop and the other is a duplicate.
+pub fn cancel_task_if(
+    ctx: &Ctx,
+    task_id: i64,
+    opts: &StopOptions,
+    first: impl FnOnce(&Writer) -> Result<bool>,
+) -> Result<Option<StopResult>> {
     let decision = ctx.store.write(|w| {
+        if !first(w)? {
+            return Ok(Decision::Declined);
+        }
         let Some(task) = w.task(task_id)? else {
             return Ok(Decision::NoTask);
         };
@@ -155,7 +173,8 @@ pub fn cancel_task(ctx: &Ctx, task_id: i64, opts: &StopOptions) -> Result<StopRe
     })?;
 
     let (deferred, jobs_cancelled, note) = match decision {
-        Decision::NoTask => return Ok(no_task(&task_id.to_string())),
+        Decision::Declined => return Ok(None),
+        Decision::NoTask => return Ok(Some(no_task(&task_id.to_string()))),
         // A STOP killed half-way left effects pending: the repeated STOP finishes them.
         Decision::Terminal(stage) => (false, 0, format!("already-terminal:{stage}")),
         Decision::Deferred {
@@ -170,7 +189,7 @@ pub fn cancel_task(ctx: &Ctx, task_id: i64, opts: &StopOptions) -> Result<StopRe
     };
     let effects = outbox::run_for_task(ctx, task_id)?;
     let task = ctx.store.read(|r| r.task(task_id))?;
-    Ok(StopResult {
+    Ok(Some(StopResult {
         ok: true,
         deferred,
         stopped: effects.iter().filter(|e| e.stopped_an_agent()).count(),
@@ -179,7 +198,7 @@ pub fn cancel_task(ctx: &Ctx, task_id: i64, opts: &StopOptions) -> Result<StopRe
         task,
         effects,
         warning: None,
-    })
+    }))
 }
 
 /// The deferred cancel: queued jobs only, `cancel_requested_at` set once, one notification.

@@ -461,3 +461,38 @@ side effects:
 "
     );
 }
+
+#[test]
+fn text_output_never_passes_escape_sequences_from_stored_data_to_the_terminal() {
+    let env = Env::new();
+    let title = "Evil \u{1b}]0;owned\u{7}\u{1b}[2J title";
+    env.json(&[
+        "task",
+        "add",
+        "--repo",
+        "orchestrator",
+        "--work-item",
+        "ORCH-990",
+        "--title",
+        title,
+    ]);
+    // JSON keeps the title exactly (escaped by the encoder).
+    let shown = env.json(&["task", "show", "ORCH-990"]);
+    assert_eq!(shown["task"]["title"], title);
+    for args in [
+        vec!["--format", "text", "task", "show", "ORCH-990"],
+        vec!["--format", "text", "task", "list"],
+        vec!["--format", "text", "task", "log", "ORCH-990"],
+        vec!["--format", "text", "stop", "ORCH-990"],
+    ] {
+        let (code, stdout, _) = env.run(&args);
+        assert_eq!(code, 0, "{args:?}");
+        assert!(
+            !stdout.chars().any(|c| c.is_control() && c != '\n'),
+            "{args:?} printed a control character: {stdout:?}"
+        );
+        if args.contains(&"show") {
+            assert!(stdout.contains("Evil ?]0;owned??[2J title"), "{stdout}");
+        }
+    }
+}

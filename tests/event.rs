@@ -13,15 +13,15 @@ use serde_json::{json, Value};
 
 use crate::common::{Agent, Env, BIN};
 
-const SECRET: &str = "plane_wh_0123456789abcdef0123456789abcdef";
-const TOKEN: &str = "tok-plane-3c9d1f";
-const WORKSPACE: &str = "acme";
-const PROJECT: &str = "22222222-2222-4222-8222-222222222222";
-const ISSUE: &str = "44444444-4444-4444-8444-444444444444";
-const TO_ANALYSE: &str = "aaaaaaaa-aaaa-4aaa-8aaa-000000000001";
-const APPROVED: &str = "aaaaaaaa-aaaa-4aaa-8aaa-000000000002";
+pub(crate) const SECRET: &str = "plane_wh_0123456789abcdef0123456789abcdef";
+pub(crate) const TOKEN: &str = "tok-plane-3c9d1f";
+pub(crate) const WORKSPACE: &str = "acme";
+pub(crate) const PROJECT: &str = "22222222-2222-4222-8222-222222222222";
+pub(crate) const ISSUE: &str = "44444444-4444-4444-8444-444444444444";
+pub(crate) const TO_ANALYSE: &str = "aaaaaaaa-aaaa-4aaa-8aaa-000000000001";
+pub(crate) const APPROVED: &str = "aaaaaaaa-aaaa-4aaa-8aaa-000000000002";
 const CONFIRM_DEPLOY: &str = "aaaaaaaa-aaaa-4aaa-8aaa-000000000003";
-const STOP: &str = "aaaaaaaa-aaaa-4aaa-8aaa-000000000004";
+pub(crate) const STOP: &str = "aaaaaaaa-aaaa-4aaa-8aaa-000000000004";
 const REJECTED: &str = "aaaaaaaa-aaaa-4aaa-8aaa-000000000005";
 const DONE: &str = "aaaaaaaa-aaaa-4aaa-8aaa-000000000006";
 
@@ -29,15 +29,15 @@ fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/plane")
 }
 
-fn fixture(name: &str) -> Vec<u8> {
+pub(crate) fn fixture(name: &str) -> Vec<u8> {
     std::fs::read(fixtures().join(name)).unwrap()
 }
 
-fn fixture_json(name: &str) -> Value {
+pub(crate) fn fixture_json(name: &str) -> Value {
     serde_json::from_slice(&fixture(name)).unwrap()
 }
 
-fn issue_id(n: u32) -> String {
+pub(crate) fn issue_id(n: u32) -> String {
     format!("44444444-4444-4444-8444-{n:012}")
 }
 
@@ -55,7 +55,7 @@ fn state_name(id: &str) -> &'static str {
 
 /// A web-UI state change of `issue` to `state`, shaped like Plane's payload, with `data`
 /// showing that same state.
-fn to_state(issue: &str, state: &str) -> Value {
+pub(crate) fn to_state(issue: &str, state: &str) -> Value {
     let mut v = fixture_json("issue_update_state_change.json");
     v["data"]["id"] = json!(issue);
     v["activity"]["old_value"] = json!(CONFIRM_DEPLOY);
@@ -67,13 +67,13 @@ fn to_state(issue: &str, state: &str) -> Value {
 
 /// The same change, but `data` already shows a later state (the payload is serialized
 /// when the webhook is sent): the name must come from Plane's states API.
-fn to_state_stale(issue: &str, state: &str) -> Value {
+pub(crate) fn to_state_stale(issue: &str, state: &str) -> Value {
     let mut v = to_state(issue, state);
     v["data"]["state"] = json!({ "id": "aaaaaaaa-aaaa-4aaa-8aaa-0000000000ff", "name": "Later", "color": "#000000", "group": "started" });
     v
 }
 
-fn bytes(v: &Value) -> Vec<u8> {
+pub(crate) fn bytes(v: &Value) -> Vec<u8> {
     serde_json::to_vec(v).unwrap()
 }
 
@@ -83,7 +83,7 @@ fn variant(mut v: Value, n: u32) -> Vec<u8> {
     bytes(&v)
 }
 
-fn sign(body: &[u8]) -> String {
+pub(crate) fn sign(body: &[u8]) -> String {
     use hmac::{Hmac, Mac};
     let mut mac = Hmac::<sha2::Sha256>::new_from_slice(SECRET.as_bytes()).unwrap();
     mac.update(body);
@@ -118,7 +118,7 @@ fn agents_of(env: &Env, task: i64) -> Vec<String> {
     rows.map(Result::unwrap).collect()
 }
 
-fn set_project(env: &Env, task: i64, project: &str) {
+pub(crate) fn set_project(env: &Env, task: i64, project: &str) {
     env.sql()
         .execute(
             "UPDATE tasks SET project_id = ?1 WHERE id = ?2",
@@ -157,17 +157,17 @@ fn snapshot(env: &Env) -> Vec<String> {
 }
 
 /// Points the environment at a Plane stub.
-fn with_plane(env: &mut Env, server: &MockServer) {
+pub(crate) fn with_plane(env: &mut Env, server: &MockServer) {
     env.set("ORCH_PLANE_URL", &server.base_url())
         .set("ORCH_PLANE_WORKSPACE", WORKSPACE)
         .set("ORCH_PLANE_API_TOKEN", TOKEN);
 }
 
-fn api(path: &str) -> String {
+pub(crate) fn api(path: &str) -> String {
     format!("/api/v1/workspaces/{WORKSPACE}/projects/{PROJECT}/{path}")
 }
 
-fn states_mock(server: &MockServer) -> Mock<'_> {
+pub(crate) fn states_mock(server: &MockServer) -> Mock<'_> {
     server.mock(|when, then| {
         when.method(GET)
             .path(api("states/"))

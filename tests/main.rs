@@ -2,6 +2,7 @@ mod cli;
 mod common;
 mod docs;
 mod event;
+mod event_hostile;
 mod fault;
 mod hostile;
 mod lifecycle;

@@ -5,10 +5,14 @@
 //! `X-RateLimit-Reset` before the next request, and a 429 is waited out once — but never
 //! longer than `max_wait` (an event must be answered within seconds; reconcile may wait
 //! longer). Comments carry `external_source: "orchctl"` and a unique `external_id`, so a
-//! retried comment answers 409 instead of being posted twice.
+//! retried comment answers 409 instead of being posted twice. A client may carry a
+//! deadline: past it no new request is sent and no rate-limit wait begins, so a Plane that
+//! answers slowly, page after page, cannot hold a webhook delivery past Plane's own
+//! patience; a page cursor Plane has already given is never followed again.
 
 use std::cell::Cell;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::collections::HashSet;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::{json, Value};
 
@@ -68,6 +72,8 @@ pub struct PlaneClient<'a> {
     cfg: &'a Plane,
     agent: ureq::Agent,
     max_wait: Duration,
+    /// No request starts, and no wait begins that would end, after this instant.
+    deadline: Option<Instant>,
     /// Requests left in the current window and when it resets (unix seconds).
     remaining: Cell<Option<i64>>,
     reset_at: Cell<Option<u64>>,
@@ -97,10 +103,17 @@ impl<'a> PlaneClient<'a> {
             cfg,
             agent: http::agent(timeout),
             max_wait,
+            deadline: None,
             remaining: Cell::new(None),
             reset_at: Cell::new(None),
             requests: Cell::new(0),
         }
+    }
+
+    /// The same client, bounded by `deadline` (see the module's doc).
+    pub fn with_deadline(mut self, deadline: Instant) -> Self {
+        self.deadline = Some(deadline);
+        self
     }
 
     /// How many HTTP requests this client has sent.
@@ -124,8 +137,14 @@ impl<'a> PlaneClient<'a> {
             .unwrap_or(60)
     }
 
+    fn out_of_time(&self, wait: Duration) -> bool {
+        self.deadline.is_some_and(|d| Instant::now() + wait >= d)
+    }
+
     fn pause_or_fail(&self, wait: u64, why: &str) -> Result<(), EffectError> {
-        if Duration::from_secs(wait) <= self.max_wait {
+        if Duration::from_secs(wait) <= self.max_wait
+            && !self.out_of_time(Duration::from_secs(wait))
+        {
             std::thread::sleep(Duration::from_secs(wait));
             Ok(())
         } else {
@@ -152,6 +171,12 @@ impl<'a> PlaneClient<'a> {
         }
         let mut retried = false;
         loop {
+            if self.out_of_time(Duration::ZERO) {
+                return Err(EffectError::retry(format!(
+                    "Plane did not answer within this command's time budget ({} request(s) sent)",
+                    self.requests.get()
+                )));
+            }
             self.requests.set(self.requests.get() + 1);
             let answer = http::send(&self.agent, method, &url, &headers, body)
                 .map_err(|e| EffectError::retry(format!("Plane unreachable: {e}")))?;
@@ -199,6 +224,7 @@ impl<'a> PlaneClient<'a> {
     fn get_pages(&self, path: &str, per_page: u32) -> Result<Option<Vec<Value>>, EffectError> {
         let mut out = Vec::new();
         let mut cursor: Option<String> = None;
+        let mut seen: HashSet<String> = HashSet::new();
         for _ in 0..10_000 {
             let mut p = format!("{path}?per_page={per_page}");
             if let Some(c) = &cursor {
@@ -223,6 +249,13 @@ impl<'a> PlaneClient<'a> {
                 .and_then(Value::as_bool)
                 .unwrap_or(false);
             match page.get("next_cursor").and_then(Value::as_str) {
+                // A cursor seen before would go round in circles: Plane is broken, and a
+                // partial listing must not pass for a whole one.
+                Some(next) if more && !seen.insert(next.to_string()) => {
+                    return Err(EffectError::retry(format!(
+                        "Plane repeated the page cursor {next:?} while listing {path}"
+                    )))
+                }
                 Some(next) if more => cursor = Some(next.to_string()),
                 _ => return Ok(Some(out)),
             }

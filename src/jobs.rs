@@ -240,7 +240,7 @@ fn death(ctx: &Ctx, job: &Job, recover: bool) -> Result<Option<String>> {
                 "no agent pid and no complete after {a:.0}s (ORCH_CLAIM_TIMEOUT_SECS={})",
                 ctx.config.claim_timeout_secs
             ))),
-            None => Ok(Some("no agent pid and no claim time".into())),
+            None => Ok(Some("no agent pid and no claim or creation time".into())),
         },
     }
 }

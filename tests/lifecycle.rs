@@ -359,6 +359,35 @@ fn reap_judges_a_pidless_run_by_age_and_dry_run_changes_nothing() {
     assert_eq!(env.job_status(job), "queued");
 }
 
+/// The seed's `_make_job` inserts a running job with plain SQL and no `claimed_at`: its
+/// age is then known only from `created_at`, and a fresh row is not dead.
+#[test]
+fn reap_judges_a_seed_style_pidless_run_without_claim_time_by_its_creation() {
+    let env = Env::new();
+    let tid = env.make_task("PL-506", "ORCH-506", "development", None);
+    let c = env.sql();
+    c.execute(
+        "INSERT INTO jobs (agent, repo, task_id, status, pid, run_id, attempts, max_attempts)
+         VALUES ('developer', 'orchestrator', ?1, 'running', NULL, NULL, 1, 2)",
+        [tid],
+    )
+    .unwrap();
+    let job = c.last_insert_rowid();
+
+    let r = env.json(&["reap"]);
+    assert_eq!(r["alive"], 1, "a run inserted just now is not dead: {r}");
+    assert_eq!(env.job_status(job), "running");
+
+    c.execute(
+        "UPDATE jobs SET created_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now', '-2 hours') WHERE id = ?1",
+        [job],
+    )
+    .unwrap();
+    let r = env.json(&["reap"]);
+    assert_eq!(r["requeued"], 1, "{r}");
+    assert_eq!(env.job_status(job), "queued");
+}
+
 #[test]
 fn a_job_cancelled_between_claim_and_launch_has_its_agent_killed_at_once() {
     let env = Env::new();

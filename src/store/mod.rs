@@ -543,12 +543,15 @@ impl<'c> Reader<'c> {
         Ok(rows)
     }
 
-    /// Seconds since a job was claimed (None when it has no claim time).
+    /// Seconds since a job was claimed (None when it has no claim time). A row set
+    /// `running` by another tool (the seed's plain SQL) may carry no `claimed_at`: its
+    /// `created_at` is then the best bound on when the run began.
     pub fn seconds_since_claim(&self, job_id: i64) -> Result<Option<f64>> {
         Ok(self
             .c
             .prepare_cached(
-                "SELECT (julianday('now') - julianday(claimed_at)) * 86400.0 FROM jobs WHERE id = ?1",
+                "SELECT (julianday('now') - julianday(coalesce(claimed_at, created_at))) * 86400.0
+                 FROM jobs WHERE id = ?1",
             )?
             .query_row([job_id], |r| r.get::<_, Option<f64>>(0))
             .optional()?

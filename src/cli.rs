@@ -374,13 +374,38 @@ pub fn command() -> clap::Command {
     finish(<Cli as clap::CommandFactory>::command(), true)
 }
 
-/// Parses `args` (the program name first) with [`command`].
+/// Unbinds every flag whose variable is set but empty (or blank): an environment file's
+/// `ORCH_DB_PATH=` means "the default", as an empty configuration variable does
+/// (config.rs), instead of an empty value that fails to parse. Only for parsing: help, man
+/// pages and completions must not depend on the environment.
+fn ignore_empty_env(cmd: clap::Command) -> clap::Command {
+    let mut cmd = cmd.mut_args(|a| {
+        let empty = a.get_env().is_some_and(|name| {
+            std::env::var_os(name).is_some_and(|v| v.to_str().is_some_and(|s| s.trim().is_empty()))
+        });
+        if empty {
+            a.env(None::<&str>)
+        } else {
+            a
+        }
+    });
+    let subs: Vec<String> = cmd
+        .get_subcommands()
+        .map(|s| s.get_name().to_string())
+        .collect();
+    for name in subs {
+        cmd = cmd.mut_subcommand(name, ignore_empty_env);
+    }
+    cmd
+}
+
+/// Parses `args` (the program name first) with [`command`], in this process's environment.
 pub fn try_parse_from<I, T>(args: I) -> Result<Cli, clap::Error>
 where
     I: IntoIterator<Item = T>,
     T: Into<OsString> + Clone,
 {
-    let mut cmd = command();
+    let mut cmd = ignore_empty_env(command());
     let matches = cmd.try_get_matches_from_mut(args)?;
     Cli::from_arg_matches(&matches).map_err(|e| e.format(&mut cmd))
 }

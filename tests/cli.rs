@@ -298,6 +298,54 @@ fn switch_variables_turn_switches_on_and_falsey_values_leave_them_off() {
     assert_eq!(env.json(&["stop", "DEMO-1"])["note"], "cancelled");
 }
 
+/// SPEC §2: without `--db`/ORCH_DB_PATH the database is `$XDG_STATE_HOME/orchctl/orch.db`,
+/// else `~/.local/state/orchctl/orch.db`, its folders created.
+#[test]
+fn the_default_database_path_follows_xdg_state_home_then_home() {
+    let mut env = Env::new();
+    env.unset("ORCH_DB_PATH");
+    let xdg = env.path().join("xdg/deep/state");
+    env.set("XDG_STATE_HOME", xdg.to_str().unwrap());
+    let v = env.json(&["migrate"]);
+    let want = xdg.join("orchctl/orch.db");
+    assert_eq!(v["db"], want.to_str().unwrap());
+    assert!(want.is_file());
+
+    env.unset("XDG_STATE_HOME");
+    let home = env.path().join("home");
+    env.set("HOME", home.to_str().unwrap());
+    let v = env.json(&["migrate"]);
+    let want = home.join(".local/state/orchctl/orch.db");
+    assert_eq!(v["db"], want.to_str().unwrap());
+    assert!(want.is_file());
+}
+
+/// An empty variable is an unset one, for the variables of flags as for the configuration
+/// ones: an environment file line `ORCH_DB_PATH=` or `ORCH_FORMAT=` means "the default".
+#[test]
+fn empty_flag_variables_count_as_unset() {
+    let mut env = Env::new();
+    let xdg = env.path().join("xdg");
+    env.set("XDG_STATE_HOME", xdg.to_str().unwrap());
+    for var in [
+        "ORCH_DB_PATH",
+        "ORCH_FORMAT",
+        "ORCH_QUEUE_RECENT",
+        "ORCH_CLAIM_REPO",
+        "ORCH_CLAIM_AGENTS",
+    ] {
+        env.set(var, "");
+    }
+    let v = env.json(&["queue"]);
+    assert!(v["counts"].is_object(), "{v}");
+    assert!(xdg.join("orchctl/orch.db").is_file());
+    assert_eq!(
+        env.run(&["claim"]).0,
+        3,
+        "nothing to claim, not a usage error"
+    );
+}
+
 #[test]
 fn an_agent_completes_its_run_from_its_environment() {
     let mut env = Env::new();

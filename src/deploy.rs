@@ -116,6 +116,30 @@ pub struct FinalizeResult {
     pub stopped: usize,
 }
 
+/// After a deployer's last attempt failed, frees the repo's merge lease held by the task's
+/// branch, so the repo's other deployers are not blocked until someone acts — unless a
+/// deploy is `initiated`: its outcome is unknown and a person closes the window with
+/// `finalize-deploy`.
+pub fn release_lease_after_failed_deployer(w: &Writer, task: &Task) -> Result<bool> {
+    if let Some(wi) = task.original_work_item() {
+        if w.marker(&task.repo, wi)?.as_deref() == Some("initiated") {
+            return Ok(false);
+        }
+    }
+    let Some(branch) = &task.branch else {
+        return Ok(false);
+    };
+    let released = w.release_lease(&task.repo, branch)?;
+    if released {
+        w.event(
+            Some(task.id),
+            "lease_released",
+            &json!({ "repo": task.repo, "branch": branch, "why": "the deployer failed its last attempt" }),
+        )?;
+    }
+    Ok(released)
+}
+
 /// What `finalize_tx` did.
 pub struct Finalized {
     pub note: String,

@@ -879,6 +879,17 @@ fn transition(
         match (route, task.stage.as_str()) {
             (Route::Approved, "analysis") => move_stage(w, &task, "development", route, state),
             (Route::Rejected, "review") => move_stage(w, &task, "development", route, state),
+            // Parked awaiting Confirm Deploy after the review: a person rejects the work.
+            // Not while a deployer runs or a deploy is initiated (the window is open).
+            (Route::Rejected, "deploy") => {
+                if w.has_running_job(task.id)? || stop::in_critical_window(w, &task)? {
+                    return Ok(Outcome::ignored("rejected-in:deploy-busy", Some(task.id)));
+                }
+                if let Some(branch) = &task.branch {
+                    w.release_lease(&task.repo, branch)?;
+                }
+                move_stage(w, &task, "development", route, state)
+            }
             (Route::Rejected, "analysis") => queue_if_idle(w, &task, "analyst", route, state),
             (Route::ConfirmDeploy, "deploy") => queue_if_idle(w, &task, "deployer", route, state),
             (_, stage) => Ok(Outcome::ignored(

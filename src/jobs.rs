@@ -84,6 +84,9 @@ pub fn complete(
                     w.finish_run(job.id, run_id, "failed", Some(&error))?;
                     w.event(job.task_id, "job_failed", &json!({ "job_id": job.id, "run_id": run_id, "error": error, "attempts": job.attempts }))?;
                     if let (Some(t), false) = (&task, stopping) {
+                        if job.agent == "deployer" {
+                            deploy::release_lease_after_failed_deployer(w, t)?;
+                        }
                         outbox::enqueue_notification(
                             w,
                             &ctx.config,
@@ -274,6 +277,9 @@ pub fn reap_unknown_outcome(w: &Writer, job: &Job, reason: &str) -> Result<Optio
         &format!("job_reaped_{action}"),
         &json!({ "job_id": job.id, "run_id": job.run_id, "reason": reason }),
     )?;
+    if let (Some(t), "failed", "deployer") = (&task, action, job.agent.as_str()) {
+        deploy::release_lease_after_failed_deployer(w, t)?;
+    }
     Ok(Some(action.into()))
 }
 

@@ -249,15 +249,34 @@ pub fn run_rows(ctx: &Ctx, rows: &[OutboxRow]) -> Result<Vec<EffectReport>> {
             out.push(report(row, "failed", None, Some(error), None));
             continue;
         }
-        let claimed = ctx.store.write(|w| {
+        let claim = ctx.store.write(|w| {
             if let Some(e) = ending.take() {
                 e.write(w, me)?;
             }
-            w.claim_effect(row.id, observed, me, lease)
+            // The agent first: while stopping it waits for a retry, its worktree and branch
+            // stay, or it could recreate or push them. A refused stop (failed) lets them go.
+            if let (Some(t), true) = (row.task_id, touches_the_branch(&row.kind)) {
+                if w.pending_effect_before(t, "stop_process", row.id)? {
+                    return Ok(Claim::WaitingForAgent);
+                }
+            }
+            Ok(if w.claim_effect(row.id, observed, me, lease)? {
+                Claim::Claimed
+            } else {
+                Claim::Busy
+            })
         })?;
-        if !claimed {
-            busy(row, &mut out);
-            continue;
+        match claim {
+            Claim::Claimed => {}
+            Claim::Busy => {
+                busy(row, &mut out);
+                continue;
+            }
+            Claim::WaitingForAgent => {
+                let why = "waiting: the task's agent is not stopped yet".to_string();
+                out.push(report(row, "pending", None, Some(why), None));
+                continue;
+            }
         }
         let attempt = row.attempts + 1;
         let (end, detail) = match Effect::parse(&row.kind, &row.payload) {
@@ -281,6 +300,17 @@ pub fn run_rows(ctx: &Ctx, rows: &[OutboxRow]) -> Result<Vec<EffectReport>> {
         ctx.store.write(|w| e.write(w, me))?;
     }
     Ok(out)
+}
+
+enum Claim {
+    Claimed,
+    Busy,
+    WaitingForAgent,
+}
+
+/// Effects that act on the task's worktree or branch, which a live agent still uses.
+fn touches_the_branch(kind: &str) -> bool {
+    matches!(kind, "remove_worktree" | "delete_remote_branch")
 }
 
 fn report(

@@ -545,6 +545,48 @@ fn approved_rejected_and_confirm_deploy_follow_the_stage_map() {
     assert!(agents_of(&env, early).is_empty());
 }
 
+#[test]
+fn rejected_while_parked_awaiting_confirm_deploy_goes_back_to_development() {
+    let env = Env::new();
+    let parked = env.make_task(&issue_id(1), "ORCH-1", "deploy", Some("feature/ORCH-1-p"));
+    // A deployer failed its last attempt earlier and its branch still held the lease.
+    env.ctx()
+        .store
+        .write(|w| w.acquire_lease("orchestrator", "feature/ORCH-1-p", parked))
+        .unwrap();
+    let queued = env.make_job_full(parked, "deployer", "queued", None, None, None, 0, 2);
+
+    let r = ok(&env, &bytes(&to_state(&issue_id(1), REJECTED)));
+
+    assert_eq!(r["action"], "job_queued", "{r}");
+    assert_eq!(env.task(parked).stage, "development");
+    assert_eq!(
+        env.job_status(queued),
+        "cancelled",
+        "the queued deployer is superseded"
+    );
+    assert_eq!(
+        agents_of(&env, parked),
+        ["deployer:cancelled", "developer:queued"]
+    );
+    assert!(env
+        .ctx()
+        .store
+        .read(|r| r.lease("orchestrator"))
+        .unwrap()
+        .is_none());
+
+    // With a deployer running (the window is open) the rejection is not applied.
+    let busy = env.make_task(&issue_id(2), "ORCH-2", "deploy", None);
+    env.make_job_full(busy, "deployer", "running", None, None, Some(9), 1, 2);
+    let r = ok(&env, &bytes(&to_state(&issue_id(2), REJECTED)));
+    assert_eq!(
+        (r["action"].as_str(), r["note"].as_str()),
+        (Some("ignored"), Some("rejected-in:deploy-busy"))
+    );
+    assert_eq!(env.task(busy).stage, "deploy");
+}
+
 // ---------------------------------------------------------------------------- signatures
 
 #[test]

@@ -882,3 +882,52 @@ fn an_orphaned_agent_process_of_a_stopped_task_is_gone() {
     assert_eq!(res["stopped"], 1);
     assert!(group_members(pid as i32).is_empty());
 }
+
+#[test]
+fn a_deployer_failing_its_last_attempt_frees_the_merge_lease_unless_a_deploy_is_initiated() {
+    let env = Env::new();
+    let (a, _) = add(&env, &["--work-item", "ORCH-900", "--stage", "deploy"]);
+    let (b, _) = add(&env, &["--work-item", "ORCH-901", "--stage", "deploy"]);
+    for t in [a, b] {
+        env.sql()
+            .execute("INSERT INTO jobs (agent, repo, task_id, max_attempts) VALUES ('deployer', 'orchestrator', ?1, 1)", [t])
+            .unwrap();
+    }
+    // complete --failure on the last attempt: the lease is freed, the other deployer runs.
+    let c = env.json(&["claim", "--agent", "deployer"]);
+    assert_eq!(c["task_id"].as_i64(), Some(a));
+    assert_eq!(env.run(&["claim", "--agent", "deployer"]).0, 3);
+    let res = env.json(&[
+        "complete",
+        &c["id"].to_string(),
+        "--run-id",
+        &c["run_id"].to_string(),
+        "--failure",
+    ]);
+    assert_eq!(res["note"], "failed");
+    assert_eq!(env.task(a).stage, "deploy", "the task stays in deploy");
+    let c2 = env.json(&["claim", "--agent", "deployer"]);
+    assert_eq!(c2["task_id"].as_i64(), Some(b));
+
+    // A deployer that dies after deploy-begin: the deploy's outcome is unknown, the lease
+    // stays until someone finalizes it.
+    env.json(&["deploy-begin", "ORCH-901"]);
+    env.sql()
+        .execute(
+            "UPDATE jobs SET claimed_at = '2000-01-01T00:00:00.000Z' WHERE id = ?1",
+            [c2["id"].as_i64().unwrap()],
+        )
+        .unwrap();
+    let r = env.json(&["reap"]);
+    assert_eq!(r["failed"], 1, "{r}");
+    let lease = env.ctx().store.read(|r| r.lease("orchestrator")).unwrap();
+    assert_eq!(lease.map(|l| l.branch).as_deref(), Some("feature/ORCH-901"));
+    let fin = env.json(&["finalize-deploy", "ORCH-901", "--outcome", "failure"]);
+    assert_eq!(fin["note"], "deploy-failed");
+    assert!(env
+        .ctx()
+        .store
+        .read(|r| r.lease("orchestrator"))
+        .unwrap()
+        .is_none());
+}

@@ -881,3 +881,61 @@ fn stop_returns_soon_after_a_term_respecting_agent_exits() {
     );
     assert_eq!(res["stopped"], 1);
 }
+
+#[test]
+fn the_worktree_and_branch_wait_while_stopping_the_agent_awaits_a_retry() {
+    let env = Env::new();
+    let repo = GitRepo::new(&env, "orchestrator");
+    let wt = repo.feature(&env, "feature/ORCH-460-w");
+    let tid = env.make_task(
+        "PL-460",
+        "ORCH-460",
+        "cancelled",
+        Some("feature/ORCH-460-w"),
+    );
+    // A STOP whose agent stop failed and waits for its retry (backoff in the future),
+    // followed by the branch's effects, already due.
+    let c = env.sql();
+    c.execute(
+        "INSERT INTO outbox (task_id, kind, payload, status, attempts, last_error, next_attempt_at)
+         VALUES (?1, 'stop_process', '{\"job_id\":1,\"run_id\":1,\"pid\":999999,\"proc_start\":1}',
+                 'pending', 1, 'process group survived SIGKILL',
+                 strftime('%Y-%m-%dT%H:%M:%fZ', 'now', '+1 hour'))",
+        [tid],
+    )
+    .unwrap();
+    for kind in ["remove_worktree", "delete_remote_branch"] {
+        c.execute(
+            "INSERT INTO outbox (task_id, kind, payload) VALUES (?1, ?2, ?3)",
+            rusqlite::params![
+                tid,
+                kind,
+                r#"{"repo":"orchestrator","branch":"feature/ORCH-460-w"}"#
+            ],
+        )
+        .unwrap();
+    }
+
+    let r = env.json(&["reconcile"]);
+
+    assert_eq!(r["outbox"]["done"], 0, "{r}");
+    assert!(
+        wt.exists(),
+        "the worktree was removed while the agent may live"
+    );
+    assert!(repo.remote_branches().contains("ORCH-460"));
+    assert_eq!(
+        env.count("SELECT count(*) FROM outbox WHERE status = 'pending' AND attempts = 0"),
+        2
+    );
+
+    // The agent stop is retried (the pid is gone now): then the rest follows, in order.
+    let res = env.json(&["stop", &tid.to_string()]);
+    assert_eq!(res["note"], "already-terminal:cancelled");
+    assert!(!wt.exists());
+    assert!(!repo.remote_branches().contains("ORCH-460"));
+    assert_eq!(
+        env.count("SELECT count(*) FROM outbox WHERE status <> 'done'"),
+        0
+    );
+}

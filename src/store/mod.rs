@@ -739,6 +739,17 @@ impl<'c> Reader<'c> {
         Ok(rows)
     }
 
+    /// Whether the task has a `pending` effect of `kind` written before row `before`.
+    pub fn pending_effect_before(&self, task_id: i64, kind: &str, before: i64) -> Result<bool> {
+        Ok(self
+            .c
+            .prepare_cached(
+                "SELECT EXISTS(SELECT 1 FROM outbox
+                  WHERE task_id = ?1 AND id < ?3 AND kind = ?2 AND status = 'pending')",
+            )?
+            .query_row(params![task_id, kind, before], |r| r.get(0))?)
+    }
+
     /// Whether any task dependency was ever recorded.
     pub fn has_deps(&self) -> Result<bool> {
         Ok(self

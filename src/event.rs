@@ -829,20 +829,15 @@ fn to_analyse_existing(
     outbox::enqueue(
         w,
         Some(task.id),
-        &Effect::PlaneComment {
-            project_id: task
-                .project_id
+        &Effect::plane_comment(
+            task.project_id
                 .clone()
                 .or_else(|| change.project_id.clone()),
-            issue_id: task
-                .original_plane_issue()
+            task.original_plane_issue()
                 .map(String::from)
                 .or_else(|| Some(change.issue_id.clone())),
-            html: format!(
-                "<p>orchctl: {}</p>",
-                crate::integrations::plane::html_escape(&message)
-            ),
-        },
+            &message,
+        ),
     )?;
     w.event(
         Some(task.id),

@@ -49,6 +49,30 @@ pub enum Effect {
 }
 
 impl Effect {
+    /// A Plane comment saying `message` (escaped) on an issue.
+    pub fn plane_comment(
+        project_id: Option<String>,
+        issue_id: Option<String>,
+        message: &str,
+    ) -> Effect {
+        Effect::PlaneComment {
+            project_id,
+            issue_id,
+            html: format!("<p>orchctl: {}</p>", plane::html_escape(message)),
+        }
+    }
+
+    /// The outbox `kind` of this effect.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Effect::StopProcess { .. } => "stop_process",
+            Effect::RemoveWorktree { .. } => "remove_worktree",
+            Effect::DeleteRemoteBranch { .. } => "delete_remote_branch",
+            Effect::PlaneComment { .. } => "plane_comment",
+            Effect::Notify { .. } => "notify",
+        }
+    }
+
     fn split(&self) -> (String, Value) {
         let v = serde_json::to_value(self).unwrap_or(Value::Null);
         (
@@ -83,11 +107,11 @@ pub fn enqueue_notification(
     enqueue(
         w,
         Some(task.id),
-        &Effect::PlaneComment {
-            project_id: task.project_id.clone(),
-            issue_id: task.original_plane_issue().map(String::from),
-            html: format!("<p>orchctl: {}</p>", plane::html_escape(message)),
-        },
+        &Effect::plane_comment(
+            task.project_id.clone(),
+            task.original_plane_issue().map(String::from),
+            message,
+        ),
     )?;
     if config.notify_cmd.is_some() {
         let mut ev = json!({
@@ -562,4 +586,36 @@ fn check_names(repo: &str, branch: &str) -> Result<(), EffectError> {
 fn short_hash(text: &str) -> String {
     use sha2::{Digest, Sha256};
     hex::encode(&Sha256::digest(text.as_bytes())[..12])
+}
+
+#[cfg(test)]
+mod kind_tests {
+    use super::*;
+
+    #[test]
+    fn kind_names_match_the_stored_tag() {
+        let all = [
+            Effect::StopProcess {
+                job_id: 1,
+                run_id: None,
+                pid: 2,
+                proc_start: None,
+            },
+            Effect::RemoveWorktree {
+                repo: "r".into(),
+                branch: "b".into(),
+            },
+            Effect::DeleteRemoteBranch {
+                repo: "r".into(),
+                branch: "b".into(),
+            },
+            Effect::plane_comment(None, None, "<hi>"),
+            Effect::Notify { event: json!({}) },
+        ];
+        for e in all {
+            let (kind, payload) = e.split();
+            assert_eq!(kind, e.kind());
+            assert_eq!(Effect::parse(&kind, &payload).unwrap(), e);
+        }
+    }
 }

@@ -310,7 +310,7 @@ pub fn full_reset_tx(
             "jobs_cancelled": cancelled.iter().map(|j| j.id).collect::<Vec<_>>(),
             "lease_released": lease_released,
             "marker_cleared": marker_cleared,
-            "effects": effects.iter().map(|e| serde_json::to_value(e).ok().and_then(|v| v.get("kind").cloned())).collect::<Vec<_>>(),
+            "effects": effects.iter().map(Effect::kind).collect::<Vec<_>>(),
         }),
     )?;
     outbox::enqueue_notification(

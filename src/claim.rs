@@ -16,6 +16,7 @@ use serde_json::json;
 use crate::error::bad_input;
 use crate::integrations::process;
 use crate::names;
+use crate::pipeline::{JobStatus, Stage};
 use crate::store::ClaimFilter;
 use crate::Ctx;
 
@@ -34,13 +35,13 @@ pub struct Claimed {
     pub agent: String,
     pub repo: String,
     pub task_id: Option<i64>,
-    pub status: String,
+    pub status: JobStatus,
     pub run_id: i64,
     pub attempts: i64,
     pub max_attempts: i64,
     pub work_item_id: Option<String>,
     pub branch: Option<String>,
-    pub stage: Option<String>,
+    pub stage: Option<Stage>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub pid: Option<i64>,
     #[serde(skip_serializing_if = "Option::is_none")]

@@ -143,18 +143,27 @@ pub enum Command {
 
     /// Open the critical deploy window: take the merge lease, mark the deploy initiated
     ///
-    /// Call it right before the irreversible merge/deploy step. Exit 75 when another
-    /// branch holds the repo's merge lease.
+    /// Call it right before the irreversible merge/deploy step. Only a live task in deploy
+    /// with no STOP pending may open its window (exit 1 otherwise, nothing changed); a
+    /// repeat by the task whose window is open is a no-op (note already-initiated). Exit
+    /// 75 when another branch holds the repo's merge lease.
     DeployBegin(TaskRef),
 
     /// Close the deploy window and apply a deferred stop, or finish the task
+    ///
+    /// Needs a deploy in progress (deploy-begin ran, or a deployer job of the task is
+    /// running): otherwise exit 1 (no deploy in progress), nothing changed. Clears the
+    /// marker, releases the task's merge lease and marks the running deployer job; then a
+    /// pending STOP is applied (note cancelled, or cancelled-after-deploy when the deploy
+    /// succeeded), else success finishes the task and failure leaves it in deploy.
     FinalizeDeploy(FinalizeArgs),
 
     /// A snapshot of queues, leases, dependencies, outbox and stops for dashboards
     ///
-    /// Blocks: counts, serial_gate, task_deps, auto_labels, recent, outbox, stop. A block
-    /// that cannot be read shows its minimal form with an `error`; the command still
-    /// prints and exits 0.
+    /// Blocks: counts, serial_gate, task_deps, auto_labels, recent, outbox, stop, awaiting
+    /// (tasks waiting on people: approval, deploy_confirmation, failed,
+    /// blocked_by_cancelled). A block that cannot be read shows its minimal form with an
+    /// `error`; the command still prints and exits 0.
     Queue(QueueArgs),
 
     /// Handle one Plane webhook delivery read from stdin
@@ -162,6 +171,47 @@ pub enum Command {
     /// The body is read raw (at most 1 MiB); with ORCH_PLANE_WEBHOOK_SECRET set the
     /// signature is required and checked (exit 77). See docs/plane-webhook.md.
     Event(EventArgs),
+
+    /// Approve a task parked in analysis (Plane's Approved): on to development
+    ///
+    /// The task moves to development and a developer job is queued. Exit 1, nothing
+    /// changed, unless the task is in analysis with no job queued or running and no STOP
+    /// pending. Recorded in the task log (source cli) and, when the task has a Plane issue
+    /// and Plane is configured, as a comment on it.
+    Approve(TaskRef),
+
+    /// Reject a task's work (Plane's Rejected): analysis again, or back to development
+    ///
+    /// In analysis a new analyst job is queued; in review, or parked in deploy awaiting
+    /// Confirm Deploy (a queued deployer is withdrawn, the merge lease freed), the task
+    /// goes back to development with a developer job. Exit 1, nothing changed, in any
+    /// other stage, with a job of the stage queued or running, during a deploy window or
+    /// with a STOP pending.
+    Reject(RejectArgs),
+
+    /// Confirm the deploy of a task parked in deploy (Plane's Confirm Deploy)
+    ///
+    /// Queues the deployer job (it needs the repo's merge lease when claimed). Exit 1,
+    /// nothing changed, unless the task is in deploy with no job queued or running, no
+    /// deploy window open and no STOP pending.
+    ConfirmDeploy(TaskRef),
+
+    /// Run a stuck stage's failed job once more
+    ///
+    /// For a live task whose current stage's last job failed and that has no job queued
+    /// or running: a new job for the stage's agent (note requeued). Exit 1, nothing
+    /// changed, otherwise.
+    Retry(TaskRef),
+}
+
+#[derive(Debug, Args)]
+pub struct RejectArgs {
+    /// Task id, work item id (ORCH-310) or Plane issue id
+    #[arg(value_name = "TASK")]
+    pub task: String,
+    /// Why (recorded in the task log and the Plane comment)
+    #[arg(long, value_name = "TEXT", env = "ORCH_REJECT_REASON")]
+    pub reason: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]

@@ -7,26 +7,46 @@
 //! applied as a forced full reset; otherwise success → `done`, failure → stays in `deploy`
 //! with a notification.
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use serde::Serialize;
 use serde_json::json;
 
 use crate::error::{temp_fail, Coded, ExitKind};
 use crate::model::{Job, Lease, Task};
 use crate::outbox::{self, EffectReport};
+use crate::pipeline::{self, Agent, Stage, Trigger};
 use crate::stop::{self, StopOptions};
-use crate::store::{LeaseOutcome, Writer};
+use crate::store::{LeaseOutcome, Reader, Writer};
+use crate::transitions::{self, Via};
 use crate::{tasks, Ctx};
+
+/// What `deploy-begin` did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum BeginNote {
+    /// The merge lease was free and is now the task's.
+    LeaseAcquired,
+    /// The task's branch held the lease already (its deployer's claim took it).
+    LeaseAlreadyHeld,
+    /// A repeat: the task's window was open already; nothing changed.
+    AlreadyInitiated,
+}
 
 #[derive(Debug, Clone, Serialize)]
 pub struct BeginResult {
     pub ok: bool,
-    pub note: String,
+    pub note: BeginNote,
     pub lease: Option<Lease>,
     pub marker: String,
     pub task: Task,
 }
 
+fn refuse(message: String) -> anyhow::Error {
+    Coded::new(ExitKind::Failure, message).into()
+}
+
+/// Opens the task's deploy window. Only a live task in `deploy` with no STOP pending may
+/// (SPEC §7): anything else is exit 1 naming the stage or the stop, nothing changed.
 pub fn begin(ctx: &Ctx, reference: &str) -> Result<BeginResult> {
     let task = tasks::resolve(ctx, reference)?;
     let (note, lease) = ctx.store.write(|w| {
@@ -34,22 +54,30 @@ pub fn begin(ctx: &Ctx, reference: &str) -> Result<BeginResult> {
             anyhow::bail!("task {} vanished", task.id);
         };
         if task.is_terminal() {
-            return Err(Coded::new(
-                ExitKind::Failure,
-                format!("{} is {}: no deploy may start", task.label(), task.stage),
-            )
-            .into());
+            return Err(refuse(format!(
+                "{} is {}: no deploy may start",
+                task.label(),
+                task.stage
+            )));
         }
         if task.cancel_requested_at.is_some() {
             return Err(Coded::new(
                 ExitKind::Failure,
                 format!(
-                    "{} has a STOP pending: the deploy must not start",
-                    task.label()
+                    "{} (in {}) has a STOP pending: the deploy must not start",
+                    task.label(),
+                    task.stage
                 ),
             )
             .with_hint("the deployer should exit; reconcile applies the STOP")
             .into());
+        }
+        if task.stage != Stage::Deploy {
+            return Err(refuse(format!(
+                "{} is in {}: a deploy window opens only for a task in deploy",
+                task.label(),
+                task.stage
+            )));
         }
         let branch = task
             .branch
@@ -61,9 +89,13 @@ pub fn begin(ctx: &Ctx, reference: &str) -> Result<BeginResult> {
                 crate::error::bad_input(format!("{} has no work item id", task.label()))
             })?
             .to_string();
+        let holds = w.lease(&task.repo)?.is_some_and(|l| l.branch == branch);
+        if holds && w.marker(&task.repo, &wi)?.as_deref() == Some("initiated") {
+            return Ok((BeginNote::AlreadyInitiated, w.lease(&task.repo)?));
+        }
         let note = match w.acquire_lease(&task.repo, &branch, task.id)? {
-            LeaseOutcome::Acquired => "lease-acquired",
-            LeaseOutcome::AlreadyHeld => "lease-already-held",
+            LeaseOutcome::Acquired => BeginNote::LeaseAcquired,
+            LeaseOutcome::AlreadyHeld => BeginNote::LeaseAlreadyHeld,
             LeaseOutcome::HeldBy(l) => {
                 return Err(temp_fail(format!(
                     "the merge lease of {} is held by branch {} (task {})",
@@ -81,7 +113,7 @@ pub fn begin(ctx: &Ctx, reference: &str) -> Result<BeginResult> {
             "deploy_initiated",
             &json!({ "repo": task.repo, "branch": branch, "lease": note }),
         )?;
-        Ok((note.to_string(), w.lease(&task.repo)?))
+        Ok((note, w.lease(&task.repo)?))
     })?;
     Ok(BeginResult {
         ok: true,
@@ -103,9 +135,7 @@ pub enum Outcome {
 pub struct FinalizeResult {
     pub ok: bool,
     pub outcome: Outcome,
-    /// `done`, `deploy-failed`, `cancelled` (a deferred STOP applied), `not-in-deploy` or
-    /// `already-terminal:<stage>`.
-    pub note: String,
+    pub note: FinalizeNote,
     pub lease_released: bool,
     pub marker_cleared: bool,
     pub jobs: Vec<Job>,
@@ -140,9 +170,44 @@ pub fn release_lease_after_failed_deployer(w: &Writer, task: &Task) -> Result<bo
     Ok(released)
 }
 
+/// How the deploy window closed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinalizeNote {
+    /// Deployed: the task is done.
+    Done,
+    /// The step failed: the task stays in deploy.
+    DeployFailed,
+    /// A deferred STOP was applied (the deploy failed, or its outcome is unknown).
+    Cancelled,
+    /// The change was deployed, then the deferred STOP was applied.
+    CancelledAfterDeploy,
+    /// The task was no longer in deploy: only the window was closed.
+    NotInDeploy,
+    AlreadyTerminal(Stage),
+}
+
+impl FinalizeNote {
+    pub fn word(self) -> String {
+        match self {
+            FinalizeNote::Done => "done".into(),
+            FinalizeNote::DeployFailed => "deploy-failed".into(),
+            FinalizeNote::Cancelled => "cancelled".into(),
+            FinalizeNote::CancelledAfterDeploy => "cancelled-after-deploy".into(),
+            FinalizeNote::NotInDeploy => "not-in-deploy".into(),
+            FinalizeNote::AlreadyTerminal(s) => format!("already-terminal:{s}"),
+        }
+    }
+}
+
+impl Serialize for FinalizeNote {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.word())
+    }
+}
+
 /// What `finalize_tx` did.
 pub struct Finalized {
-    pub note: String,
+    pub note: FinalizeNote,
     pub lease_released: bool,
     pub marker_cleared: bool,
     pub jobs: Vec<Job>,
@@ -161,8 +226,9 @@ pub fn finalize_tx(
         Some(wi) => w.clear_marker(&task.repo, wi)?,
         None => false,
     };
+    // Only this task's hold on the lease: a same-named branch of another task keeps its own.
     let lease_released = match &task.branch {
-        Some(b) => w.release_lease(&task.repo, b)?,
+        Some(b) => w.release_lease_of(&task.repo, b, task.id)?,
         None => false,
     };
     let mut jobs = Vec::new();
@@ -172,7 +238,9 @@ pub fn finalize_tx(
             Outcome::Failure => "failed",
         };
         for j in w.jobs_of_task_in(task.id, "running")? {
-            if j.agent == "deployer" && w.finish_running(j.id, j.run_id, status, None)? {
+            if j.agent == Agent::Deployer.as_str()
+                && w.finish_running(j.id, j.run_id, status, None)?
+            {
                 jobs.push(w.job(j.id)?.unwrap_or(j));
             }
         }
@@ -185,24 +253,30 @@ pub fn finalize_tx(
             "lease_released": lease_released,
             "marker_cleared": marker_cleared,
             "jobs": jobs.iter().map(|j| j.id).collect::<Vec<_>>(),
+            "source": Via::Cli,
         }),
     )?;
     let note = if task.is_terminal() {
-        format!("already-terminal:{}", task.stage)
+        FinalizeNote::AlreadyTerminal(task.stage)
     } else if task.cancel_requested_at.is_some() {
-        stop::full_reset_tx(w, &ctx.config, task, &StopOptions::deferred(task))?;
-        "cancelled".into()
-    } else if task.stage != "deploy" {
-        "not-in-deploy".into()
+        // The STOP waited for the irreversible step. After a successful deploy the change is
+        // live: the log and the notification must not claim the stop prevented it.
+        let deployed = outcome == Outcome::Success && task.stage == Stage::Deploy;
+        if deployed {
+            stop::full_reset_after_deploy_tx(w, &ctx.config, task)?;
+            FinalizeNote::CancelledAfterDeploy
+        } else {
+            stop::full_reset_tx(w, &ctx.config, task, &StopOptions::deferred(task))?;
+            FinalizeNote::Cancelled
+        }
+    } else if task.stage != Stage::Deploy {
+        FinalizeNote::NotInDeploy
     } else {
         match outcome {
             Outcome::Success => {
-                w.set_stage(task.id, "deploy", "done")?;
-                w.event(
-                    Some(task.id),
-                    "stage_changed",
-                    &json!({ "from": "deploy", "to": "done" }),
-                )?;
+                let m = pipeline::step(Stage::Deploy, Trigger::Deployed)
+                    .context("the stage map has no move for a deploy")?;
+                transitions::carry_out(w, task, m, Via::Cli, &json!({}))?;
                 outbox::enqueue_notification(
                     w,
                     &ctx.config,
@@ -211,7 +285,7 @@ pub fn finalize_tx(
                     &format!("{} was deployed; the task is done.", task.label()),
                     json!({}),
                 )?;
-                "done".into()
+                FinalizeNote::Done
             }
             Outcome::Failure => {
                 outbox::enqueue_notification(
@@ -220,12 +294,12 @@ pub fn finalize_tx(
                     task,
                     "deploy_failed",
                     &format!(
-                        "the deploy of {} failed; the task stays in deploy (move it to Confirm Deploy to retry, or STOP it).",
+                        "the deploy of {} failed; the task stays in deploy (move it to Confirm Deploy or run `orchctl confirm-deploy` to try again, or STOP it).",
                         task.label()
                     ),
                     json!({}),
                 )?;
-                "deploy-failed".into()
+                FinalizeNote::DeployFailed
             }
         }
     };
@@ -237,10 +311,34 @@ pub fn finalize_tx(
     })
 }
 
+/// Whether the task has a deploy in progress: its initiated marker, or a running deployer.
+fn deploy_in_progress(r: &Reader, task: &Task) -> Result<bool> {
+    if let Some(wi) = task.original_work_item() {
+        if r.marker(&task.repo, wi)?.as_deref() == Some("initiated") {
+            return Ok(true);
+        }
+    }
+    Ok(r.jobs_of_task_in(task.id, "running")?
+        .iter()
+        .any(|j| j.agent == Agent::Deployer.as_str()))
+}
+
+/// Closes the task's deploy window (SPEC §7). Without a deploy in progress it is exit 1
+/// and nothing changes: a finalize can never stand in for the serial gate, nor release a
+/// lease another task holds.
 pub fn finalize(ctx: &Ctx, reference: &str, outcome: Outcome) -> Result<FinalizeResult> {
     let task = tasks::resolve(ctx, reference)?;
     let f = ctx.store.write(|w| {
-        let current = w.task(task.id)?.unwrap_or_else(|| task.clone());
+        let current = w
+            .task(task.id)?
+            .with_context(|| format!("task {} vanished", task.id))?;
+        if !deploy_in_progress(w, &current)? {
+            return Err(Coded::new(
+                ExitKind::Failure,
+                format!("no deploy in progress for {} (it is in {}: no deploy-begin and no running deployer)", current.label(), current.stage),
+            )
+            .into());
+        }
         finalize_tx(w, ctx, &current, outcome, true)
     })?;
     let effects = outbox::run_for_task(ctx, task.id)?;

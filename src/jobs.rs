@@ -12,14 +12,15 @@ use anyhow::{Context, Result};
 use serde::Serialize;
 use serde_json::json;
 
-use crate::deploy::{self, Outcome as DeployOutcome};
+use crate::deploy::{self, FinalizeNote, Outcome as DeployOutcome};
 use crate::error::{Coded, ExitKind};
 use crate::integrations::process::{self, Liveness};
 use crate::model::{Job, Task};
 use crate::outbox::{self, EffectReport};
-use crate::pipeline;
+use crate::pipeline::{self, Agent, JobStatus, Stage, Trigger};
 use crate::stop;
 use crate::store::Writer;
+use crate::transitions::{self, Via};
 use crate::Ctx;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -28,12 +29,51 @@ pub enum RunOutcome {
     Failure(Option<String>),
 }
 
+/// What `complete` did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CompleteNote {
+    /// The task moved to the next stage.
+    Advanced,
+    /// The task stays, awaiting people (Approved / Rejected).
+    Parked,
+    /// The job is done; the task did not move (or the deploy finished it).
+    Done,
+    Requeued,
+    Failed,
+    /// A deferred STOP was applied.
+    Cancelled,
+    /// The deployer's success was the deploy's, then a deferred STOP was applied.
+    CancelledAfterDeploy,
+    /// The deploy step's outcome left the task in deploy.
+    DeployFailed,
+    /// A stale run id or a finished job: nothing changed.
+    StaleRun,
+}
+
+impl PartialEq<&str> for CompleteNote {
+    fn eq(&self, other: &&str) -> bool {
+        serde_json::to_value(self).is_ok_and(|v| v == *other)
+    }
+}
+
+impl From<FinalizeNote> for CompleteNote {
+    fn from(n: FinalizeNote) -> CompleteNote {
+        match n {
+            FinalizeNote::Done | FinalizeNote::NotInDeploy | FinalizeNote::AlreadyTerminal(_) => {
+                CompleteNote::Done
+            }
+            FinalizeNote::DeployFailed => CompleteNote::DeployFailed,
+            FinalizeNote::Cancelled => CompleteNote::Cancelled,
+            FinalizeNote::CancelledAfterDeploy => CompleteNote::CancelledAfterDeploy,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct CompleteResult {
     pub ok: bool,
-    /// `advanced`, `parked`, `done`, `requeued`, `failed`, `cancelled` (a deferred STOP
-    /// applied) or `stale-run`.
-    pub note: String,
+    pub note: CompleteNote,
     pub job: Option<Job>,
     pub task: Option<Task>,
     pub next_job: Option<Job>,
@@ -52,8 +92,8 @@ pub fn complete(
         let job = w.job(job_id)?.ok_or_else(|| {
             anyhow::Error::from(Coded::new(ExitKind::Failure, format!("no job {job_id}")))
         })?;
-        if job.status != "running" || job.run_id != Some(run_id) {
-            return Ok(("stale-run".to_string(), None, job.task_id));
+        if job.status != JobStatus::Running || job.run_id != Some(run_id) {
+            return Ok((CompleteNote::StaleRun, None, job.task_id));
         }
         let task = match job.task_id {
             Some(t) => w.task(t)?,
@@ -71,7 +111,7 @@ pub fn complete(
                         next_job = next;
                         note
                     }
-                    _ => "done".into(),
+                    _ => CompleteNote::Done,
                 }
             }
             RunOutcome::Failure(error) => {
@@ -79,12 +119,12 @@ pub fn complete(
                 if !stopping && job.attempts < job.max_attempts {
                     w.requeue_run(job.id, Some(run_id), Some(&error))?;
                     w.event(job.task_id, "job_requeued", &json!({ "job_id": job.id, "run_id": run_id, "error": error, "attempts": job.attempts }))?;
-                    "requeued".into()
+                    CompleteNote::Requeued
                 } else {
                     w.finish_run(job.id, run_id, "failed", Some(&error))?;
                     w.event(job.task_id, "job_failed", &json!({ "job_id": job.id, "run_id": run_id, "error": error, "attempts": job.attempts }))?;
                     if let (Some(t), false) = (&task, stopping) {
-                        if job.agent == "deployer" {
+                        if job.agent == Agent::Deployer.as_str() {
                             deploy::release_lease_after_failed_deployer(w, t)?;
                         }
                         outbox::enqueue_notification(
@@ -102,18 +142,25 @@ pub fn complete(
                             json!({ "job_id": job.id, "agent": job.agent }),
                         )?;
                     }
-                    "failed".into()
+                    CompleteNote::Failed
                 }
             }
         };
+        // A deployer that succeeded has deployed, whatever STOP was waiting for it.
+        let deployed = *outcome == RunOutcome::Success
+            && job.agent == Agent::Deployer.as_str()
+            && task.as_ref().is_some_and(|t| t.stage == Stage::Deploy);
         let note = match job.task_id {
-            Some(t) if stop::apply_deferred_tx(w, &ctx.config, t)? => "cancelled".to_string(),
+            Some(t) if deployed && stop::apply_deferred_after_deploy_tx(w, &ctx.config, t)? => {
+                CompleteNote::CancelledAfterDeploy
+            }
+            Some(t) if stop::apply_deferred_tx(w, &ctx.config, t)? => CompleteNote::Cancelled,
             _ => note,
         };
         Ok((note, next_job, job.task_id))
     })?;
     let effects = match task_id {
-        Some(t) if note != "stale-run" => outbox::run_for_task(ctx, t)?,
+        Some(t) if note != CompleteNote::StaleRun => outbox::run_for_task(ctx, t)?,
         _ => Vec::new(),
     };
     ctx.store.read(|r| {
@@ -134,58 +181,35 @@ pub fn complete(
     })
 }
 
-/// Moves the task on after a successful job (SPEC §1); returns the note and a new job.
-fn advance(w: &Writer, ctx: &Ctx, task: &Task, job: &Job) -> Result<(String, Option<i64>)> {
-    if pipeline::agent_for_stage(&task.stage) != Some(job.agent.as_str()) {
+/// Moves the task on after a successful job, as the stage map says (SPEC §1): returns
+/// the note and the job queued.
+fn advance(w: &Writer, ctx: &Ctx, task: &Task, job: &Job) -> Result<(CompleteNote, Option<i64>)> {
+    let unchanged = |why: &str| -> Result<(CompleteNote, Option<i64>)> {
         w.event(
             Some(task.id),
             "stage_unchanged",
-            &json!({ "why": "the job's agent does not work the task's stage", "agent": job.agent, "stage": task.stage }),
+            &json!({ "why": why, "agent": job.agent, "stage": task.stage }),
         )?;
-        return Ok(("done".into(), None));
+        Ok((CompleteNote::Done, None))
+    };
+    if task.stage.agent().map(Agent::as_str) != Some(job.agent.as_str()) {
+        return unchanged("the job's agent does not work the task's stage");
     }
-    if job.agent == "deployer" {
+    let on = Trigger::for_job_success(task.stage);
+    if on == Trigger::Deployed {
         let f = deploy::finalize_tx(w, ctx, task, DeployOutcome::Success, false)?;
-        return Ok((f.note, None));
+        return Ok((f.note.into(), None));
     }
-    match pipeline::next_stage_after_success(&task.stage, &job.agent) {
-        Some(next) => {
-            w.set_stage(task.id, &task.stage, next)?;
-            w.event(
-                Some(task.id),
-                "stage_changed",
-                &json!({ "from": task.stage, "to": next }),
-            )?;
-            let next_job = match pipeline::entry_agent(next) {
-                Some(agent) => {
-                    let id = w.insert_job(Some(task.id), agent, &task.repo)?;
-                    w.event(
-                        Some(task.id),
-                        "job_queued",
-                        &json!({ "job_id": id, "agent": agent }),
-                    )?;
-                    Some(id)
-                }
-                None => {
-                    w.event(
-                        Some(task.id),
-                        "parked",
-                        &json!({ "stage": next, "awaiting": "Confirm Deploy" }),
-                    )?;
-                    None
-                }
-            };
-            Ok(("advanced".into(), next_job))
-        }
-        None => {
-            w.event(
-                Some(task.id),
-                "parked",
-                &json!({ "stage": task.stage, "awaiting": "Approved or Rejected" }),
-            )?;
-            Ok(("parked".into(), None))
-        }
-    }
+    let Some(m) = pipeline::step(task.stage, on) else {
+        return unchanged("the stage map has no move for this job's success");
+    };
+    let moved = transitions::carry_out(w, task, m, Via::Cli, &json!({ "job_id": job.id }))?;
+    let note = if moved.from != moved.to {
+        CompleteNote::Advanced
+    } else {
+        CompleteNote::Parked
+    };
+    Ok((note, moved.job))
 }
 
 #[derive(Debug, Clone, Copy, Default)]

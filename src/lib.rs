@@ -17,12 +17,14 @@ pub mod model;
 pub mod names;
 pub mod outbox;
 pub mod pipeline;
+pub mod plane_states;
 pub mod queue;
 pub mod reconcile;
 pub mod render;
 pub mod stop;
 pub mod store;
 pub mod tasks;
+pub mod transitions;
 
 use std::path::{Path, PathBuf};
 

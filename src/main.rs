@@ -11,7 +11,10 @@ use serde_json::{json, Value};
 use orchctl::cli::{Cli, Command, DeployOutcomeArg, Format, TaskCommand};
 use orchctl::config::scrub_env;
 use orchctl::error::{self, ExitKind};
-use orchctl::{claim, deploy, event, jobs, queue, reconcile, render, stop, tasks, Config, Ctx};
+use orchctl::pipeline::Trigger;
+use orchctl::{
+    claim, deploy, event, jobs, queue, reconcile, render, stop, tasks, transitions, Config, Ctx,
+};
 
 /// What a successful command hands back to be printed.
 struct Output {
@@ -288,8 +291,20 @@ fn run(cli: Cli) -> Result<Option<Output>> {
                 render::event,
             )?
         }
+        Command::Approve(t) => operate(&ctx, &t.task, Trigger::Approved, None)?,
+        Command::Reject(r) => operate(&ctx, &r.task, Trigger::Rejected, r.reason.as_deref())?,
+        Command::ConfirmDeploy(t) => operate(&ctx, &t.task, Trigger::ConfirmDeploy, None)?,
+        Command::Retry(t) => operate(&ctx, &t.task, Trigger::Retry, None)?,
     };
     Ok(Some(output))
+}
+
+/// An operator's stand-in for a Plane state (SPEC §14).
+fn operate(ctx: &Ctx, task: &str, on: Trigger, reason: Option<&str>) -> Result<Output> {
+    laid_out(
+        &transitions::operate(ctx, task, on, reason)?,
+        render::operator,
+    )
 }
 
 /// Reads stdin, at most 1 MiB (SPEC §6): a larger body is refused, not truncated.

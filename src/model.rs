@@ -3,6 +3,8 @@
 
 use serde::Serialize;
 
+use crate::pipeline::{JobStatus, Stage};
+
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct Task {
     pub id: i64,
@@ -13,7 +15,7 @@ pub struct Task {
     pub repo: String,
     pub branch: Option<String>,
     pub title: Option<String>,
-    pub stage: String,
+    pub stage: Stage,
     pub created_at: Option<String>,
     pub updated_at: Option<String>,
     pub cancelled_at: Option<String>,
@@ -31,7 +33,7 @@ pub fn untombstoned(key: &str) -> &str {
 
 impl Task {
     pub fn is_terminal(&self) -> bool {
-        crate::pipeline::is_terminal(&self.stage)
+        self.stage.is_terminal()
     }
 
     /// Terminal, or a deferred STOP is pending: its jobs must not run again.
@@ -67,7 +69,7 @@ pub struct Job {
     pub agent: String,
     pub repo: String,
     pub task_id: Option<i64>,
-    pub status: String,
+    pub status: JobStatus,
     pub pid: Option<i64>,
     pub proc_start: Option<i64>,
     pub run_id: Option<i64>,

@@ -4,15 +4,17 @@
 //! form (zero counts, empty lists, the configuration it reports) plus an `error` string,
 //! and the snapshot is still printed (dashboards poll it and must never get nothing).
 //! `recent` is a list and cannot carry a field, so its error goes to `errors.recent`.
-//! Every query is bounded by an index (job counts are kept by triggers; recent rows are
-//! read newest-first by key; blocked tasks start from the live stages; open side effects
-//! from the outbox's partial index), so the cost does not grow with the history.
+//! Every query is bounded by an index (job, task and awaiting counts are kept by
+//! triggers; recent rows are read newest-first by key; blocked and waiting tasks come from
+//! the partial index of waiting tasks; pending stops from theirs; open side effects from
+//! the outbox's), so the cost grows neither with the history nor with the live set.
 //! Read-only: it never writes, and it never fails as a whole.
 
 use anyhow::Result;
 use serde_json::{json, Map, Value};
 
-use crate::store::Reader;
+use crate::pipeline::Awaiting;
+use crate::store::{AwaitingCounts, Reader};
 use crate::Ctx;
 
 const JOB_STATUSES: [&str; 5] = ["queued", "running", "done", "failed", "cancelled"];
@@ -34,6 +36,29 @@ fn block(
         }
     };
     out.insert(name.into(), v);
+}
+
+/// The `awaiting` block's form when it cannot be read: empty lists, zero counts.
+fn awaiting_minimal() -> Value {
+    let mut m = Map::new();
+    for kind in Awaiting::ON_PEOPLE {
+        m.insert(kind.as_str().into(), json!([]));
+    }
+    m.insert("counts".into(), json!(AwaitingCounts::default()));
+    Value::Object(m)
+}
+
+/// What waits on people (SPEC §14): per kind, the longest-waiting tasks (at most
+/// `limit`) and the counts. Both read indexes made for them (`tasks_awaiting`,
+/// `awaiting_counts`), so the block costs the same with 200k live tasks as with 150.
+/// The counts alone are [`Reader::awaiting_counts`].
+pub fn awaiting_block(r: &Reader, limit: i64) -> Result<Value> {
+    let mut m = Map::new();
+    for kind in Awaiting::ON_PEOPLE {
+        m.insert(kind.as_str().into(), json!(r.awaiting_tasks(kind, limit)?));
+    }
+    m.insert("counts".into(), json!(r.awaiting_counts()?));
+    Ok(Value::Object(m))
 }
 
 /// The snapshot as a JSON object with the blocks of SPEC §8.
@@ -133,11 +158,14 @@ pub fn snapshot(ctx: &Ctx, recent: i64) -> Value {
                         "enabled": c.stop_enabled,
                         "repos": c.stop_repos,
                         "cancelled_count": r.count_tasks_in_stage("cancelled")?,
-                        "deferred_pending": r.pending_cancels()?.len(),
+                        "deferred_pending": r.count_pending_cancels()?,
                         "recent": recent,
                     }))
                 },
             );
+            block(&mut out, "awaiting", awaiting_minimal(), || {
+                awaiting_block(r, recent)
+            });
             Ok(())
         })
         .ok();

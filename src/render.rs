@@ -403,6 +403,7 @@ pub fn task_show(v: &Value) -> String {
     });
     let mut pairs = task_facts(t);
     pairs.extend([
+        ("awaiting", opt(v, "awaiting").map(|a| awaiting_words(&a))),
         ("depends on", opt(v, "depends_on")),
         ("merge lease", lease),
         ("deploy", opt(v, "deploy_marker")),
@@ -419,6 +420,50 @@ pub fn task_show(v: &Value) -> String {
     if !effects.is_empty() {
         out.push_str("\nside effects:\n");
         out.push_str(&indent(&effects_table(effects), 2));
+    }
+    out
+}
+
+/// What `task show`'s `awaiting` word asks of a person.
+fn awaiting_words(kind: &str) -> String {
+    let what = match kind {
+        "approval" => {
+            "approval: `orchctl approve` or `orchctl reject` (Plane: Approved / Rejected)"
+        }
+        "deploy_confirmation" => {
+            "deploy confirmation: `orchctl confirm-deploy` (Plane: Confirm Deploy)"
+        }
+        "retry" => "a retry: its stage's last job failed (`orchctl retry`, or stop it)",
+        "dependency" => "a dependency that is not done yet",
+        "cancelled_dependency" => {
+            "nothing: a dependency was cancelled, it can never start (stop it)"
+        }
+        other => other,
+    };
+    what.to_string()
+}
+
+/// `approve`, `reject`, `confirm-deploy`, `retry`: the move made and the job queued.
+pub fn operator(v: &Value) -> String {
+    let Some(t) = v.get("task").filter(|t| !t.is_null()) else {
+        return generic(v);
+    };
+    let mut out = format!("{}: {}\n", task_name(t), s(v, "note"));
+    let job = v
+        .get("job")
+        .filter(|j| !j.is_null())
+        .map(|j| format!("{} ({}, {})", j["id"], s(j, "agent"), s(j, "status")));
+    out.push_str(&facts(
+        &[
+            ("stage", opt(t, "stage")),
+            ("job", job.or(Some("none".into()))),
+        ],
+        2,
+    ));
+    let effects = array(v, "effects");
+    if !effects.is_empty() {
+        out.push('\n');
+        out.push_str(&effects_table(effects));
     }
     out
 }
@@ -500,6 +545,11 @@ pub fn stop(v: &Value) -> String {
             ));
         }
         other => out.push_str(&format!("{name}: {other}\n")),
+    }
+    if let Some(deps) = opt(v, "dependents") {
+        out.push_str(&format!(
+            "  dependents: {deps} (they depend on this task and can never start now)\n"
+        ));
     }
     let effects = array(v, "effects");
     if !effects.is_empty() {
@@ -783,6 +833,30 @@ fn on_off(b: &Value) -> &'static str {
     }
 }
 
+/// The lists of `queue`'s `awaiting` block: key, words in the summary line, section title.
+const AWAITING: [(&str, &str, &str); 4] = [
+    (
+        "approval",
+        "awaiting approval",
+        "awaiting approval (approve / reject):",
+    ),
+    (
+        "deploy_confirmation",
+        "awaiting deploy confirmation",
+        "awaiting deploy confirmation (confirm-deploy):",
+    ),
+    (
+        "failed",
+        "failed",
+        "failed, awaiting a retry (retry / stop):",
+    ),
+    (
+        "blocked_by_cancelled",
+        "blocked by a cancelled dependency",
+        "blocked by a cancelled dependency (stop them):",
+    ),
+];
+
 /// `queue`: one line per block, then the tables dashboards show.
 pub fn queue(v: &Value) -> String {
     let null = Value::Null;
@@ -859,6 +933,23 @@ pub fn queue(v: &Value) -> String {
             ),
         }),
     ));
+    let waiting = get("awaiting");
+    let awaiting_counts = waiting.get("counts").unwrap_or(&null);
+    lines.push((
+        "awaiting",
+        match block_error(waiting) {
+            Some(e) => Some(format!("unavailable: {e}")),
+            // Nothing waits: no line (the sections below say who waits, when anyone does).
+            None if AWAITING.iter().all(|(k, _, _)| n(awaiting_counts, k) == 0) => None,
+            None => Some(
+                AWAITING
+                    .iter()
+                    .map(|(k, words, _)| format!("{} {words}", n(awaiting_counts, k)))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            ),
+        },
+    ));
     if let Some(e) = v
         .get("errors")
         .and_then(|e| e.get("recent"))
@@ -896,6 +987,24 @@ pub fn queue(v: &Value) -> String {
                 blocked,
             ),
         );
+    }
+    for (key, _, title) in AWAITING {
+        let rows = array(waiting, key);
+        if !rows.is_empty() {
+            section(
+                title,
+                table_with(
+                    &[
+                        ("TASK", "id"),
+                        ("WORK ITEM", "work_item_id"),
+                        ("STAGE", "stage"),
+                        ("SINCE", "since"),
+                        ("REPO", "repo"),
+                    ],
+                    rows,
+                ),
+            );
+        }
     }
     let recent = array(v, "recent");
     if !recent.is_empty() {
@@ -1027,6 +1136,7 @@ mod tests {
                 reconcile,
                 deploy_begin,
                 finalize_deploy,
+                operator,
                 migrate,
                 queue,
                 event,

@@ -16,6 +16,7 @@ use serde_json::json;
 use crate::config::Config;
 use crate::model::Task;
 use crate::outbox::{self, Effect, EffectReport};
+use crate::pipeline::{self, JobStatus, Stage, Trigger};
 use crate::store::{Reader, Writer};
 use crate::Ctx;
 
@@ -73,6 +74,46 @@ impl StopOptions {
     }
 }
 
+/// What `stop` did (SPEC §3).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StopNote {
+    NoTask,
+    AlreadyTerminal(Stage),
+    DeferredCriticalWindow,
+    DeferredAlreadyPending,
+    Cancelled,
+}
+
+impl StopNote {
+    pub fn word(&self) -> String {
+        match self {
+            StopNote::NoTask => "no-task".into(),
+            StopNote::AlreadyTerminal(s) => format!("already-terminal:{s}"),
+            StopNote::DeferredCriticalWindow => "deferred-critical-window".into(),
+            StopNote::DeferredAlreadyPending => "deferred-already-pending".into(),
+            StopNote::Cancelled => "cancelled".into(),
+        }
+    }
+}
+
+impl std::fmt::Display for StopNote {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.word())
+    }
+}
+
+impl Serialize for StopNote {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.word())
+    }
+}
+
+impl PartialEq<&str> for StopNote {
+    fn eq(&self, other: &&str) -> bool {
+        self.word() == *other
+    }
+}
+
 /// The result of `orchctl stop` (SPEC §3).
 #[derive(Debug, Clone, Serialize)]
 pub struct StopResult {
@@ -81,8 +122,11 @@ pub struct StopResult {
     /// Agent processes actually stopped.
     pub stopped: usize,
     pub jobs_cancelled: usize,
-    pub note: String,
+    pub note: StopNote,
     pub task: Option<Task>,
+    /// The live tasks that depend on this one (SPEC §14): a cancelled dependency blocks
+    /// them for good.
+    pub dependents: Vec<i64>,
     /// How each side effect ended (`pending` ones are retried by `reconcile`).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub effects: Vec<EffectReport>,
@@ -112,7 +156,7 @@ pub fn in_critical_window(r: &Reader, task: &Task) -> Result<bool> {
 enum Decision {
     Declined,
     NoTask,
-    Terminal(String),
+    Terminal(Stage),
     Deferred { first: bool, jobs_cancelled: usize },
     Reset { jobs_cancelled: usize },
 }
@@ -132,8 +176,9 @@ fn no_task(reference: &str) -> StopResult {
         deferred: false,
         stopped: 0,
         jobs_cancelled: 0,
-        note: "no-task".into(),
+        note: StopNote::NoTask,
         task: None,
+        dependents: Vec::new(),
         effects: Vec::new(),
         warning: Some(format!("no task matches {reference:?}; nothing to stop")),
     }
@@ -176,19 +221,21 @@ pub fn cancel_task_if(
         Decision::Declined => return Ok(None),
         Decision::NoTask => return Ok(Some(no_task(&task_id.to_string()))),
         // A STOP killed half-way left effects pending: the repeated STOP finishes them.
-        Decision::Terminal(stage) => (false, 0, format!("already-terminal:{stage}")),
+        Decision::Terminal(stage) => (false, 0, StopNote::AlreadyTerminal(stage)),
         Decision::Deferred {
             first: true,
             jobs_cancelled,
-        } => (true, jobs_cancelled, "deferred-critical-window".to_string()),
+        } => (true, jobs_cancelled, StopNote::DeferredCriticalWindow),
         Decision::Deferred {
             first: false,
             jobs_cancelled,
-        } => (true, jobs_cancelled, "deferred-already-pending".to_string()),
-        Decision::Reset { jobs_cancelled } => (false, jobs_cancelled, "cancelled".to_string()),
+        } => (true, jobs_cancelled, StopNote::DeferredAlreadyPending),
+        Decision::Reset { jobs_cancelled } => (false, jobs_cancelled, StopNote::Cancelled),
     };
     let effects = outbox::run_for_task(ctx, task_id)?;
-    let task = ctx.store.read(|r| r.task(task_id))?;
+    let (task, dependents) = ctx
+        .store
+        .read(|r| Ok((r.task(task_id)?, r.dependents(task_id)?)))?;
     Ok(Some(StopResult {
         ok: true,
         deferred,
@@ -196,6 +243,7 @@ pub fn cancel_task_if(
         jobs_cancelled,
         note,
         task,
+        dependents,
         effects,
         warning: None,
     }))
@@ -242,13 +290,29 @@ fn defer_tx(w: &Writer, config: &Config, task: &Task, opts: &StopOptions) -> Res
 /// deferred`) when its critical window has closed, inside the caller's transaction.
 /// Returns whether it did; the caller runs the outbox after commit.
 pub fn apply_deferred_tx(w: &Writer, config: &Config, task_id: i64) -> Result<bool> {
+    apply_deferred(w, config, task_id, false)
+}
+
+/// [`apply_deferred_tx`] right after the task's deployer reported success: the change was
+/// deployed before the STOP took effect, and the log and the notification say so.
+pub fn apply_deferred_after_deploy_tx(w: &Writer, config: &Config, task_id: i64) -> Result<bool> {
+    apply_deferred(w, config, task_id, true)
+}
+
+fn apply_deferred(w: &Writer, config: &Config, task_id: i64, after_deploy: bool) -> Result<bool> {
     let Some(task) = w.task(task_id)? else {
         return Ok(false);
     };
     if task.is_terminal() || task.cancel_requested_at.is_none() || in_critical_window(w, &task)? {
         return Ok(false);
     }
-    full_reset_tx(w, config, &task, &StopOptions::deferred(&task))?;
+    reset_tx(
+        w,
+        config,
+        &task,
+        &StopOptions::deferred(&task),
+        after_deploy,
+    )?;
     Ok(true)
 }
 
@@ -262,7 +326,28 @@ pub fn full_reset_tx(
     task: &Task,
     opts: &StopOptions,
 ) -> Result<usize> {
+    reset_tx(w, config, task, opts, false)
+}
+
+/// [`full_reset_tx`] of a deferred STOP applied after a successful deploy: the change is
+/// live, and the log and the notification say so instead of claiming the stop prevented it.
+pub fn full_reset_after_deploy_tx(w: &Writer, config: &Config, task: &Task) -> Result<usize> {
+    reset_tx(w, config, task, &StopOptions::deferred(task), true)
+}
+
+fn reset_tx(
+    w: &Writer,
+    config: &Config,
+    task: &Task,
+    opts: &StopOptions,
+    after_deploy: bool,
+) -> Result<usize> {
     let reason = opts.reason();
+    debug_assert!(
+        pipeline::step(task.stage, Trigger::Stopped).is_some_and(|m| m.to == Stage::Cancelled),
+        "the stage map stops a {} task",
+        task.stage
+    );
     let cancelled = w.cancel_jobs_for_task(task.id, false, &reason)?;
     if !w.mark_task_cancelled(task.id, &reason)? {
         return Ok(cancelled.len());
@@ -277,7 +362,7 @@ pub fn full_reset_tx(
     };
 
     let mut effects = Vec::new();
-    for job in cancelled.iter().filter(|j| j.status == "running") {
+    for job in cancelled.iter().filter(|j| j.status == JobStatus::Running) {
         if let Some(pid) = job.pid {
             effects.push(Effect::StopProcess {
                 job_id: job.id,
@@ -300,29 +385,42 @@ pub fn full_reset_tx(
     for e in &effects {
         outbox::enqueue(w, Some(task.id), e)?;
     }
-    w.event(
-        Some(task.id),
-        "cancelled",
-        &json!({
-            "reason": reason,
-            "source": opts.source,
-            "forced": opts.force,
-            "jobs_cancelled": cancelled.iter().map(|j| j.id).collect::<Vec<_>>(),
-            "lease_released": lease_released,
-            "marker_cleared": marker_cleared,
-            "effects": effects.iter().map(Effect::kind).collect::<Vec<_>>(),
-        }),
-    )?;
+    let mut detail = json!({
+        "reason": reason,
+        "source": opts.source,
+        "forced": opts.force,
+        "jobs_cancelled": cancelled.iter().map(|j| j.id).collect::<Vec<_>>(),
+        "lease_released": lease_released,
+        "marker_cleared": marker_cleared,
+        "effects": effects.iter().map(Effect::kind).collect::<Vec<_>>(),
+    });
+    let message = if after_deploy {
+        detail["deployed_before_stop"] = json!(true);
+        detail["note"] =
+            json!("the deploy succeeded before the STOP took effect: the change is deployed");
+        format!(
+            "{} was deployed before its STOP took effect: the change is live. The task is now cancelled ({reason}); its worktree and branch were removed, its docs and history are kept. Revert the change if it must not stay deployed.",
+            task.label()
+        )
+    } else {
+        format!(
+            "{} was stopped ({reason}). Its agents were stopped, its jobs cancelled, its worktree and branch removed; its docs and history are kept.",
+            task.label()
+        )
+    };
+    w.event(Some(task.id), "cancelled", &detail)?;
     outbox::enqueue_notification(
         w,
         config,
         task,
         "task_cancelled",
-        &format!(
-            "{} was stopped ({reason}). Its agents were stopped, its jobs cancelled, its worktree and branch removed; its docs and history are kept.",
-            task.label()
-        ),
-        json!({ "reason": reason, "deferred": false, "source": opts.source }),
+        &message,
+        json!({
+            "reason": reason,
+            "deferred": false,
+            "source": opts.source,
+            "deployed_before_stop": after_deploy,
+        }),
     )?;
     Ok(cancelled.len())
 }

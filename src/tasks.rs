@@ -11,7 +11,7 @@ use serde_json::json;
 use crate::error::{bad_input, Coded, ExitKind};
 use crate::model::{Job, Lease, OutboxRow, Task, TaskEvent};
 use crate::names;
-use crate::pipeline;
+use crate::pipeline::{self, Awaiting};
 use crate::store::{NewTask, Writer};
 use crate::Ctx;
 
@@ -157,6 +157,9 @@ pub struct TaskView {
     pub lease: Option<Lease>,
     pub deploy_marker: Option<String>,
     pub outbox: Vec<OutboxRow>,
+    /// What the task waits for (SPEC §14): `approval`, `deploy_confirmation`, `retry`,
+    /// `dependency`, `cancelled_dependency`, or null.
+    pub awaiting: Option<&'static str>,
 }
 
 pub fn show(ctx: &Ctx, reference: &str) -> Result<TaskView> {
@@ -170,6 +173,7 @@ pub fn show(ctx: &Ctx, reference: &str) -> Result<TaskView> {
             None => None,
         };
         Ok(TaskView {
+            awaiting: r.awaiting_of(task.id)?.map(Awaiting::show),
             jobs: r.jobs_of_task(task.id)?,
             depends_on: r.deps_of(task.id)?,
             outbox: r.effects_of_task(task.id)?,

@@ -20,9 +20,9 @@ pub(crate) const PROJECT: &str = "22222222-2222-4222-8222-222222222222";
 pub(crate) const ISSUE: &str = "44444444-4444-4444-8444-444444444444";
 pub(crate) const TO_ANALYSE: &str = "aaaaaaaa-aaaa-4aaa-8aaa-000000000001";
 pub(crate) const APPROVED: &str = "aaaaaaaa-aaaa-4aaa-8aaa-000000000002";
-const CONFIRM_DEPLOY: &str = "aaaaaaaa-aaaa-4aaa-8aaa-000000000003";
+pub(crate) const CONFIRM_DEPLOY: &str = "aaaaaaaa-aaaa-4aaa-8aaa-000000000003";
 pub(crate) const STOP: &str = "aaaaaaaa-aaaa-4aaa-8aaa-000000000004";
-const REJECTED: &str = "aaaaaaaa-aaaa-4aaa-8aaa-000000000005";
+pub(crate) const REJECTED: &str = "aaaaaaaa-aaaa-4aaa-8aaa-000000000005";
 const DONE: &str = "aaaaaaaa-aaaa-4aaa-8aaa-000000000006";
 
 fn fixtures() -> PathBuf {

@@ -640,10 +640,10 @@ fn deploy_begin_refuses_when_another_branch_holds_the_lease() {
     let (code, _, stderr) = env.run(&["deploy-begin", "ORCH-731"]);
     assert_eq!(code, 75, "{stderr}");
     assert!(stderr.contains("feature/ORCH-730"), "{stderr}");
-    // Idempotent for the holder.
+    // Idempotent for the holder (SPEC §7).
     assert_eq!(
         env.json(&["deploy-begin", "ORCH-730"])["note"],
-        "lease-already-held"
+        "already-initiated"
     );
 }
 
@@ -684,7 +684,9 @@ fn d7_the_finalizer_applies_a_deferred_stop_as_a_forced_full_reset() {
 
     let fin = env.json(&["finalize-deploy", "ORCH-440", "--outcome", "success"]);
 
-    assert_eq!(fin["note"], "cancelled");
+    // The deploy succeeded before the STOP took effect (SPEC §7).
+    assert_eq!(fin["note"], "cancelled-after-deploy");
+    assert_eq!(fin["outcome"], "success");
     assert_eq!(fin["lease_released"], true);
     assert_eq!(fin["marker_cleared"], true);
     assert_eq!(

@@ -7,7 +7,11 @@
 //! updates (`… WHERE status = 'running' AND run_id = ?`) so a late writer can never
 //! overwrite a newer truth. Timestamps and ids are produced here, never by callers.
 
+mod live;
 pub mod schema;
+mod vocab;
+
+pub use live::{AwaitingCounts, AwaitingTask};
 
 use std::ops::Deref;
 use std::path::{Path, PathBuf};
@@ -20,6 +24,7 @@ use serde_json::Value;
 
 use crate::error::config_err;
 use crate::model::{Job, Lease, OutboxRow, Task, TaskEvent};
+use crate::pipeline::Stage;
 
 /// ISO-8601 UTC with milliseconds; the same text format everywhere so strings compare.
 pub const NOW_SQL: &str = "strftime('%Y-%m-%dT%H:%M:%fZ','now')";
@@ -613,19 +618,6 @@ impl<'c> Reader<'c> {
         Ok(rows)
     }
 
-    /// Live tasks with a deferred cancel waiting to be applied.
-    pub fn pending_cancels(&self) -> Result<Vec<Task>> {
-        let mut stmt = self.c.prepare_cached(&format!(
-            "SELECT {TASK_COLS} FROM tasks
-             WHERE cancel_requested_at IS NOT NULL AND stage NOT IN ('done', 'cancelled')
-             ORDER BY id"
-        ))?;
-        let rows = stmt
-            .query_map([], task_row)?
-            .collect::<rusqlite::Result<Vec<_>>>()?;
-        Ok(rows)
-    }
-
     /// Live tasks (not terminal), oldest first.
     pub fn live_tasks(&self) -> Result<Vec<Task>> {
         let mut stmt = self.c.prepare_cached(&format!(
@@ -758,27 +750,6 @@ impl<'c> Reader<'c> {
             .query_row([], |r| r.get(0))?)
     }
 
-    /// Live tasks whose dependencies are not all done.
-    pub fn blocked_tasks(&self, limit: i64) -> Result<Vec<(i64, Vec<i64>)>> {
-        // Driven by the live tasks (the partial index `tasks_live`), not by every
-        // dependency ever recorded.
-        let mut stmt = self.c.prepare_cached(
-            "SELECT t.id, group_concat(d.depends_on) FROM tasks t
-             JOIN task_deps d ON d.task_id = t.id
-             LEFT JOIN tasks dt ON dt.id = d.depends_on
-             WHERE t.stage NOT IN ('done', 'cancelled') AND dt.stage IS NOT 'done'
-             GROUP BY t.id ORDER BY t.id LIMIT ?1",
-        )?;
-        let rows = stmt
-            .query_map([limit], |r| {
-                let id: i64 = r.get(0)?;
-                let list: String = r.get(1)?;
-                Ok((id, list.split(',').filter_map(|s| s.parse().ok()).collect()))
-            })?
-            .collect::<rusqlite::Result<Vec<_>>>()?;
-        Ok(rows)
-    }
-
     /// Tasks in `stage` (kept by triggers: constant time).
     pub fn count_tasks_in_stage(&self, stage: &str) -> Result<i64> {
         Ok(self
@@ -889,7 +860,7 @@ impl<'c> Writer<'c> {
     }
 
     /// Moves a live task from `from` to `to`; false when it was not in `from` any more.
-    pub fn set_stage(&self, task_id: i64, from: &str, to: &str) -> Result<bool> {
+    pub fn set_stage(&self, task_id: i64, from: Stage, to: Stage) -> Result<bool> {
         let n = self
             .c
             .prepare_cached(&format!(

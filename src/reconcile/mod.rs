@@ -5,6 +5,10 @@
 //! when Plane is configured — applies a STOP (or a deletion) that a lost webhook never
 //! delivered. Each task is handled on its own: one failure is recorded and the pass goes on.
 
+mod plane;
+
+pub use plane::{plane_pass, PlanePass};
+
 use anyhow::Result;
 use serde::Serialize;
 use serde_json::json;
@@ -27,7 +31,7 @@ pub struct ReconcileReport {
     pub leases_released: usize,
     pub outbox: OutboxPass,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub plane: Option<crate::event::PlanePass>,
+    pub plane: Option<plane::PlanePass>,
     pub errors: Vec<TaskError>,
 }
 
@@ -80,7 +84,7 @@ pub fn reconcile(ctx: &Ctx) -> Result<ReconcileReport> {
     }
 
     if ctx.config.plane.is_some() {
-        match crate::event::plane_pass(ctx) {
+        match plane::plane_pass(ctx) {
             Ok(p) => {
                 for e in &p.errors {
                     report.errors.push(e.clone());

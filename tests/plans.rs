@@ -52,6 +52,28 @@ const LIVE_INDEXES: [(&str, &str); 3] = [
     ("outbox_status", "side effects not done"),
 ];
 
+/// Tables that grow with the live set: read whole, they cost the live work, which SPEC §10
+/// bounds too (`queue` with 200k live tasks within 1.3× of 150).
+const LIVE_TABLES: [&str; 1] = ["task_waits"];
+
+/// Statements that read every live task on purpose, through `tasks_live`: (a fragment of
+/// the statement, why). Any other plan that walks `tasks_live` is a planner's guess.
+const WHOLE_LIVE_SET: [(&str, &str); 1] = [(
+    "FROM tasks WHERE stage NOT IN ('done', 'cancelled') ORDER BY id",
+    "reconcile's Plane pass compares every live task with Plane (only when Plane is configured)",
+)];
+
+/// Partial indexes made for one read each: a statement that uses one must name it with
+/// `INDEXED BY`, so that no planner guess (there are no statistics) picks a wider one, and
+/// the statements that read these sets must use them.
+const OWN_INDEXES: [(&str, &str); 2] = [
+    (
+        "tasks_cancel_pending",
+        "FROM tasks INDEXED BY tasks_cancel_pending",
+    ),
+    ("task_waits_kind", "FROM task_waits"),
+];
+
 /// The table each name in `sql` can stand for: the table itself and its aliases
 /// (`FROM jobs j`, `JOIN tasks AS t`).
 fn aliases(sql: &str) -> Vec<(String, String)> {
@@ -105,7 +127,25 @@ fn full_scans(ctx: &Ctx, sql: &str) -> Vec<String> {
     let names = aliases(sql);
     let plan = ctx.store.explain(sql).unwrap();
     let mut out = Vec::new();
+    let flat = one_line(sql);
     for line in &plan {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        if words.contains(&"tasks_live") && !WHOLE_LIVE_SET.iter().any(|(f, _)| flat.contains(f)) {
+            out.push(format!("the whole live set, by a planner's guess: {line}"));
+            continue;
+        }
+        for (index, _) in OWN_INDEXES {
+            if words.contains(&index) && !flat.contains(&format!("INDEXED BY {index}")) {
+                out.push(format!("{index} used without INDEXED BY: {line}"));
+            }
+        }
+        if let Some(rest) = line.trim().strip_prefix("SCAN ") {
+            let name = rest.split_whitespace().next().unwrap_or_default();
+            if LIVE_TABLES.contains(&name) {
+                out.push(format!("{name}: the whole live set: {line}"));
+                continue;
+            }
+        }
         if HISTORY_KEYS
             .iter()
             .any(|i| line.split_whitespace().any(|w| w == *i))
@@ -125,7 +165,11 @@ fn full_scans(ctx: &Ctx, sql: &str) -> Vec<String> {
         if index.is_some_and(|i| LIVE_INDEXES.iter().any(|(live, _)| live == i)) {
             continue;
         }
-        if let Some((_, table)) = names.iter().find(|(n, _)| n == name) {
+        if let Some((_, table)) = names
+            .iter()
+            .find(|(n, _)| n == name)
+            .filter(|(_, table)| HISTORY.contains(&table.as_str()))
+        {
             out.push(format!("{table}: {line}"));
         }
     }
@@ -431,4 +475,90 @@ fn the_counters_match_the_rows() {
         q["stop"]["cancelled_count"],
         env.count("SELECT count(*) FROM tasks WHERE stage = 'cancelled'")
     );
+}
+
+/// The deploy window's commands and the operator's stand-ins for Plane (SPEC §7, §14).
+#[test]
+fn operator_and_deploy_commands_never_scan_history() {
+    use orchctl::deploy::{self, Outcome};
+    use orchctl::pipeline::Trigger;
+    use orchctl::transitions;
+
+    let env = world();
+    // A parked analysis, a failed developer, a task parked in deploy.
+    let parked = env.make_task("PL-20", "ORCH-20", "analysis", None);
+    env.make_job_full(parked, "analyst", "done", None, None, Some(200), 1, 2);
+    let failed = env.make_task("PL-21", "ORCH-21", "development", None);
+    env.make_job_full(failed, "developer", "failed", None, None, Some(201), 2, 2);
+    let rejected = env.make_task("PL-22", "ORCH-22", "review", None);
+    env.make_task("PL-23", "ORCH-23", "deploy", None);
+    let ctx = ctx(&env);
+    transitions::operate(&ctx, "ORCH-20", Trigger::Approved, None).unwrap();
+    transitions::operate(&ctx, "ORCH-21", Trigger::Retry, None).unwrap();
+    transitions::operate(&ctx, &rejected.to_string(), Trigger::Rejected, Some("no")).unwrap();
+    transitions::operate(&ctx, "ORCH-23", Trigger::ConfirmDeploy, None).unwrap();
+    // Refused ones run their checks too.
+    transitions::operate(&ctx, "ORCH-20", Trigger::Approved, None).unwrap_err();
+    transitions::operate(&ctx, "ORCH-H0", Trigger::Retry, None).unwrap_err();
+    deploy::begin(&ctx, "ORCH-23").unwrap();
+    deploy::begin(&ctx, "ORCH-23").unwrap();
+    deploy::finalize(&ctx, "ORCH-22", Outcome::Success).unwrap_err();
+    deploy::finalize(&ctx, "ORCH-23", Outcome::Success).unwrap();
+    let sql = check_plans(
+        "approve/reject/confirm-deploy/retry/deploy-begin/finalize-deploy",
+        &ctx,
+    );
+    assert!(
+        sql.iter().any(|s| s.contains("INSERT INTO jobs")),
+        "{sql:#?}"
+    );
+    assert!(sql.iter().any(|s| s.contains("DELETE FROM deploy_markers")));
+}
+
+/// Each live set `queue` (and reconcile) reads goes through the index made for it: the
+/// pending stops through `tasks_cancel_pending`, the waiting tasks through
+/// `task_waits_kind` (today's planner would take `tasks_live`, every live task, for the
+/// first had the statement not named its index).
+#[test]
+fn each_live_set_is_read_through_its_own_index() {
+    let env = world();
+    let c = env.ctx();
+    // Something in every live set: a deferred stop, a parked task, a failed one.
+    let deploy = env.make_task("PL-30", "ORCH-30", "deploy", None);
+    env.json(&["deploy-begin", "ORCH-30"]);
+    stop::stop(&c, "ORCH-30", &StopOptions::operator(None, false)).unwrap();
+    let parked = env.make_task("PL-31", "ORCH-31", "analysis", None);
+    env.make_job_full(parked, "analyst", "done", None, None, Some(300), 1, 2);
+    drop(c);
+    let ctx = ctx(&env);
+    let q = queue::snapshot(&ctx, 10);
+    assert_eq!(q["stop"]["deferred_pending"], 1, "{q}");
+    assert_eq!(q["awaiting"]["counts"]["approval"], 1, "{q}");
+    assert!(q["awaiting"].get("error").is_none(), "{q}");
+    reconcile::reconcile(&ctx).unwrap();
+    let sql = check_plans("queue + reconcile", &ctx);
+    for (index, fragment) in OWN_INDEXES {
+        let users: Vec<&String> = sql
+            .iter()
+            .filter(|s| one_line(s).contains(fragment))
+            .collect();
+        assert!(!users.is_empty(), "no statement reads {fragment}: {sql:#?}");
+        for s in users {
+            let plan = ctx.store.explain(s).unwrap();
+            assert!(
+                plan.iter()
+                    .any(|l| l.split_whitespace().any(|w| w == index)),
+                "{s}\n  does not use {index}: {plan:?}"
+            );
+        }
+    }
+    // The checker itself: the old statement of pending cancels is a planner's guess.
+    let guess = "SELECT id FROM tasks WHERE cancel_requested_at IS NOT NULL \
+                 AND stage NOT IN ('done', 'cancelled') ORDER BY id";
+    assert!(
+        !full_scans(&ctx, guess).is_empty(),
+        "{:?}",
+        ctx.store.explain(guess)
+    );
+    let _ = deploy;
 }

@@ -16,11 +16,17 @@ _orchctl() {
             ",$1")
                 cmd="orchctl"
                 ;;
+            orchctl,approve)
+                cmd="orchctl__subcmd__approve"
+                ;;
             orchctl,claim)
                 cmd="orchctl__subcmd__claim"
                 ;;
             orchctl,complete)
                 cmd="orchctl__subcmd__complete"
+                ;;
+            orchctl,confirm-deploy)
+                cmd="orchctl__subcmd__confirm__subcmd__deploy"
                 ;;
             orchctl,deploy-begin)
                 cmd="orchctl__subcmd__deploy__subcmd__begin"
@@ -46,17 +52,29 @@ _orchctl() {
             orchctl,reconcile)
                 cmd="orchctl__subcmd__reconcile"
                 ;;
+            orchctl,reject)
+                cmd="orchctl__subcmd__reject"
+                ;;
+            orchctl,retry)
+                cmd="orchctl__subcmd__retry"
+                ;;
             orchctl,stop)
                 cmd="orchctl__subcmd__stop"
                 ;;
             orchctl,task)
                 cmd="orchctl__subcmd__task"
                 ;;
+            orchctl__subcmd__help,approve)
+                cmd="orchctl__subcmd__help__subcmd__approve"
+                ;;
             orchctl__subcmd__help,claim)
                 cmd="orchctl__subcmd__help__subcmd__claim"
                 ;;
             orchctl__subcmd__help,complete)
                 cmd="orchctl__subcmd__help__subcmd__complete"
+                ;;
+            orchctl__subcmd__help,confirm-deploy)
+                cmd="orchctl__subcmd__help__subcmd__confirm__subcmd__deploy"
                 ;;
             orchctl__subcmd__help,deploy-begin)
                 cmd="orchctl__subcmd__help__subcmd__deploy__subcmd__begin"
@@ -81,6 +99,12 @@ _orchctl() {
                 ;;
             orchctl__subcmd__help,reconcile)
                 cmd="orchctl__subcmd__help__subcmd__reconcile"
+                ;;
+            orchctl__subcmd__help,reject)
+                cmd="orchctl__subcmd__help__subcmd__reject"
+                ;;
+            orchctl__subcmd__help,retry)
+                cmd="orchctl__subcmd__help__subcmd__retry"
                 ;;
             orchctl__subcmd__help,stop)
                 cmd="orchctl__subcmd__help__subcmd__stop"
@@ -137,8 +161,30 @@ _orchctl() {
 
     case "${cmd}" in
         orchctl)
-            opts="-h -V --db --format --help --version migrate task stop claim complete reap reconcile deploy-begin finalize-deploy queue event help"
+            opts="-h -V --db --format --help --version migrate task stop claim complete reap reconcile deploy-begin finalize-deploy queue event approve reject confirm-deploy retry help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 1 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --db)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --format)
+                    COMPREPLY=($(compgen -W "json text" -- "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        orchctl__subcmd__approve)
+            opts="-h --db --format --help"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
             fi
@@ -203,6 +249,28 @@ _orchctl() {
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
+                --db)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --format)
+                    COMPREPLY=($(compgen -W "json text" -- "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        orchctl__subcmd__confirm__subcmd__deploy)
+            opts="-h --db --format --help"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
                 --db)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
@@ -301,8 +369,22 @@ _orchctl() {
             return 0
             ;;
         orchctl__subcmd__help)
-            opts="migrate task stop claim complete reap reconcile deploy-begin finalize-deploy queue event help"
+            opts="migrate task stop claim complete reap reconcile deploy-begin finalize-deploy queue event approve reject confirm-deploy retry help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        orchctl__subcmd__help__subcmd__approve)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
             fi
@@ -329,6 +411,20 @@ _orchctl() {
             return 0
             ;;
         orchctl__subcmd__help__subcmd__complete)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        orchctl__subcmd__help__subcmd__confirm__subcmd__deploy)
             opts=""
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
@@ -441,6 +537,34 @@ _orchctl() {
             return 0
             ;;
         orchctl__subcmd__help__subcmd__reconcile)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        orchctl__subcmd__help__subcmd__reject)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        orchctl__subcmd__help__subcmd__retry)
             opts=""
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
@@ -609,6 +733,54 @@ _orchctl() {
             return 0
             ;;
         orchctl__subcmd__reconcile)
+            opts="-h --db --format --help"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --db)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --format)
+                    COMPREPLY=($(compgen -W "json text" -- "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        orchctl__subcmd__reject)
+            opts="-h --reason --db --format --help"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --reason)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --db)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --format)
+                    COMPREPLY=($(compgen -W "json text" -- "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        orchctl__subcmd__retry)
             opts="-h --db --format --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )

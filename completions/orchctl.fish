@@ -40,6 +40,10 @@ complete -c orchctl -n "__fish_orchctl_needs_command" -f -a "deploy-begin" -d 'O
 complete -c orchctl -n "__fish_orchctl_needs_command" -f -a "finalize-deploy" -d 'Close the deploy window and apply a deferred stop, or finish the task'
 complete -c orchctl -n "__fish_orchctl_needs_command" -f -a "queue" -d 'A snapshot of queues, leases, dependencies, outbox and stops for dashboards'
 complete -c orchctl -n "__fish_orchctl_needs_command" -f -a "event" -d 'Handle one Plane webhook delivery read from stdin'
+complete -c orchctl -n "__fish_orchctl_needs_command" -f -a "approve" -d 'Approve a task parked in analysis (Plane\'s Approved): on to development'
+complete -c orchctl -n "__fish_orchctl_needs_command" -f -a "reject" -d 'Reject a task\'s work (Plane\'s Rejected): analysis again, or back to development'
+complete -c orchctl -n "__fish_orchctl_needs_command" -f -a "confirm-deploy" -d 'Confirm the deploy of a task parked in deploy (Plane\'s Confirm Deploy)'
+complete -c orchctl -n "__fish_orchctl_needs_command" -f -a "retry" -d 'Run a stuck stage\'s failed job once more'
 complete -c orchctl -n "__fish_orchctl_needs_command" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
 complete -c orchctl -n "__fish_orchctl_using_subcommand migrate" -l db -d 'The SQLite database [default: $XDG_STATE_HOME/orchctl/orch.db]' -r -F
 complete -c orchctl -n "__fish_orchctl_using_subcommand migrate" -l format -d 'Output format [default: text on a terminal, JSON otherwise]' -r -f -a "json\t''
@@ -126,7 +130,7 @@ failure\t''"
 complete -c orchctl -n "__fish_orchctl_using_subcommand finalize-deploy" -l db -d 'The SQLite database [default: $XDG_STATE_HOME/orchctl/orch.db]' -r -F
 complete -c orchctl -n "__fish_orchctl_using_subcommand finalize-deploy" -l format -d 'Output format [default: text on a terminal, JSON otherwise]' -r -f -a "json\t''
 text\t''"
-complete -c orchctl -n "__fish_orchctl_using_subcommand finalize-deploy" -s h -l help -d 'Print help'
+complete -c orchctl -n "__fish_orchctl_using_subcommand finalize-deploy" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c orchctl -n "__fish_orchctl_using_subcommand queue" -l recent -d 'How many recent jobs and cancelled tasks to list (at most 1000)' -r
 complete -c orchctl -n "__fish_orchctl_using_subcommand queue" -l db -d 'The SQLite database [default: $XDG_STATE_HOME/orchctl/orch.db]' -r -F
 complete -c orchctl -n "__fish_orchctl_using_subcommand queue" -l format -d 'Output format [default: text on a terminal, JSON otherwise]' -r -f -a "json\t''
@@ -139,18 +143,39 @@ complete -c orchctl -n "__fish_orchctl_using_subcommand event" -l db -d 'The SQL
 complete -c orchctl -n "__fish_orchctl_using_subcommand event" -l format -d 'Output format [default: text on a terminal, JSON otherwise]' -r -f -a "json\t''
 text\t''"
 complete -c orchctl -n "__fish_orchctl_using_subcommand event" -s h -l help -d 'Print help (see more with \'--help\')'
-complete -c orchctl -n "__fish_orchctl_using_subcommand help; and not __fish_seen_subcommand_from migrate task stop claim complete reap reconcile deploy-begin finalize-deploy queue event help" -f -a "migrate" -d 'Apply pending schema migrations (every command does this first)'
-complete -c orchctl -n "__fish_orchctl_using_subcommand help; and not __fish_seen_subcommand_from migrate task stop claim complete reap reconcile deploy-begin finalize-deploy queue event help" -f -a "task" -d 'Create, inspect and list tasks without Plane'
-complete -c orchctl -n "__fish_orchctl_using_subcommand help; and not __fish_seen_subcommand_from migrate task stop claim complete reap reconcile deploy-begin finalize-deploy queue event help" -f -a "stop" -d 'Stop a task: kill its agents, cancel its jobs, remove its worktree and branch'
-complete -c orchctl -n "__fish_orchctl_using_subcommand help; and not __fish_seen_subcommand_from migrate task stop claim complete reap reconcile deploy-begin finalize-deploy queue event help" -f -a "claim" -d 'Take the oldest eligible queued job and start a run of it (exit 3: none)'
-complete -c orchctl -n "__fish_orchctl_using_subcommand help; and not __fish_seen_subcommand_from migrate task stop claim complete reap reconcile deploy-begin finalize-deploy queue event help" -f -a "complete" -d 'Record the outcome of a run'
-complete -c orchctl -n "__fish_orchctl_using_subcommand help; and not __fish_seen_subcommand_from migrate task stop claim complete reap reconcile deploy-begin finalize-deploy queue event help" -f -a "reap" -d 'Recover running jobs whose agent died (run it from cron)'
-complete -c orchctl -n "__fish_orchctl_using_subcommand help; and not __fish_seen_subcommand_from migrate task stop claim complete reap reconcile deploy-begin finalize-deploy queue event help" -f -a "reconcile" -d 'Cron safety net: deferred stops, orphaned leases, outbox retries, missed Plane STOPs'
-complete -c orchctl -n "__fish_orchctl_using_subcommand help; and not __fish_seen_subcommand_from migrate task stop claim complete reap reconcile deploy-begin finalize-deploy queue event help" -f -a "deploy-begin" -d 'Open the critical deploy window: take the merge lease, mark the deploy initiated'
-complete -c orchctl -n "__fish_orchctl_using_subcommand help; and not __fish_seen_subcommand_from migrate task stop claim complete reap reconcile deploy-begin finalize-deploy queue event help" -f -a "finalize-deploy" -d 'Close the deploy window and apply a deferred stop, or finish the task'
-complete -c orchctl -n "__fish_orchctl_using_subcommand help; and not __fish_seen_subcommand_from migrate task stop claim complete reap reconcile deploy-begin finalize-deploy queue event help" -f -a "queue" -d 'A snapshot of queues, leases, dependencies, outbox and stops for dashboards'
-complete -c orchctl -n "__fish_orchctl_using_subcommand help; and not __fish_seen_subcommand_from migrate task stop claim complete reap reconcile deploy-begin finalize-deploy queue event help" -f -a "event" -d 'Handle one Plane webhook delivery read from stdin'
-complete -c orchctl -n "__fish_orchctl_using_subcommand help; and not __fish_seen_subcommand_from migrate task stop claim complete reap reconcile deploy-begin finalize-deploy queue event help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
+complete -c orchctl -n "__fish_orchctl_using_subcommand approve" -l db -d 'The SQLite database [default: $XDG_STATE_HOME/orchctl/orch.db]' -r -F
+complete -c orchctl -n "__fish_orchctl_using_subcommand approve" -l format -d 'Output format [default: text on a terminal, JSON otherwise]' -r -f -a "json\t''
+text\t''"
+complete -c orchctl -n "__fish_orchctl_using_subcommand approve" -s h -l help -d 'Print help (see more with \'--help\')'
+complete -c orchctl -n "__fish_orchctl_using_subcommand reject" -l reason -d 'Why (recorded in the task log and the Plane comment)' -r
+complete -c orchctl -n "__fish_orchctl_using_subcommand reject" -l db -d 'The SQLite database [default: $XDG_STATE_HOME/orchctl/orch.db]' -r -F
+complete -c orchctl -n "__fish_orchctl_using_subcommand reject" -l format -d 'Output format [default: text on a terminal, JSON otherwise]' -r -f -a "json\t''
+text\t''"
+complete -c orchctl -n "__fish_orchctl_using_subcommand reject" -s h -l help -d 'Print help (see more with \'--help\')'
+complete -c orchctl -n "__fish_orchctl_using_subcommand confirm-deploy" -l db -d 'The SQLite database [default: $XDG_STATE_HOME/orchctl/orch.db]' -r -F
+complete -c orchctl -n "__fish_orchctl_using_subcommand confirm-deploy" -l format -d 'Output format [default: text on a terminal, JSON otherwise]' -r -f -a "json\t''
+text\t''"
+complete -c orchctl -n "__fish_orchctl_using_subcommand confirm-deploy" -s h -l help -d 'Print help (see more with \'--help\')'
+complete -c orchctl -n "__fish_orchctl_using_subcommand retry" -l db -d 'The SQLite database [default: $XDG_STATE_HOME/orchctl/orch.db]' -r -F
+complete -c orchctl -n "__fish_orchctl_using_subcommand retry" -l format -d 'Output format [default: text on a terminal, JSON otherwise]' -r -f -a "json\t''
+text\t''"
+complete -c orchctl -n "__fish_orchctl_using_subcommand retry" -s h -l help -d 'Print help (see more with \'--help\')'
+complete -c orchctl -n "__fish_orchctl_using_subcommand help; and not __fish_seen_subcommand_from migrate task stop claim complete reap reconcile deploy-begin finalize-deploy queue event approve reject confirm-deploy retry help" -f -a "migrate" -d 'Apply pending schema migrations (every command does this first)'
+complete -c orchctl -n "__fish_orchctl_using_subcommand help; and not __fish_seen_subcommand_from migrate task stop claim complete reap reconcile deploy-begin finalize-deploy queue event approve reject confirm-deploy retry help" -f -a "task" -d 'Create, inspect and list tasks without Plane'
+complete -c orchctl -n "__fish_orchctl_using_subcommand help; and not __fish_seen_subcommand_from migrate task stop claim complete reap reconcile deploy-begin finalize-deploy queue event approve reject confirm-deploy retry help" -f -a "stop" -d 'Stop a task: kill its agents, cancel its jobs, remove its worktree and branch'
+complete -c orchctl -n "__fish_orchctl_using_subcommand help; and not __fish_seen_subcommand_from migrate task stop claim complete reap reconcile deploy-begin finalize-deploy queue event approve reject confirm-deploy retry help" -f -a "claim" -d 'Take the oldest eligible queued job and start a run of it (exit 3: none)'
+complete -c orchctl -n "__fish_orchctl_using_subcommand help; and not __fish_seen_subcommand_from migrate task stop claim complete reap reconcile deploy-begin finalize-deploy queue event approve reject confirm-deploy retry help" -f -a "complete" -d 'Record the outcome of a run'
+complete -c orchctl -n "__fish_orchctl_using_subcommand help; and not __fish_seen_subcommand_from migrate task stop claim complete reap reconcile deploy-begin finalize-deploy queue event approve reject confirm-deploy retry help" -f -a "reap" -d 'Recover running jobs whose agent died (run it from cron)'
+complete -c orchctl -n "__fish_orchctl_using_subcommand help; and not __fish_seen_subcommand_from migrate task stop claim complete reap reconcile deploy-begin finalize-deploy queue event approve reject confirm-deploy retry help" -f -a "reconcile" -d 'Cron safety net: deferred stops, orphaned leases, outbox retries, missed Plane STOPs'
+complete -c orchctl -n "__fish_orchctl_using_subcommand help; and not __fish_seen_subcommand_from migrate task stop claim complete reap reconcile deploy-begin finalize-deploy queue event approve reject confirm-deploy retry help" -f -a "deploy-begin" -d 'Open the critical deploy window: take the merge lease, mark the deploy initiated'
+complete -c orchctl -n "__fish_orchctl_using_subcommand help; and not __fish_seen_subcommand_from migrate task stop claim complete reap reconcile deploy-begin finalize-deploy queue event approve reject confirm-deploy retry help" -f -a "finalize-deploy" -d 'Close the deploy window and apply a deferred stop, or finish the task'
+complete -c orchctl -n "__fish_orchctl_using_subcommand help; and not __fish_seen_subcommand_from migrate task stop claim complete reap reconcile deploy-begin finalize-deploy queue event approve reject confirm-deploy retry help" -f -a "queue" -d 'A snapshot of queues, leases, dependencies, outbox and stops for dashboards'
+complete -c orchctl -n "__fish_orchctl_using_subcommand help; and not __fish_seen_subcommand_from migrate task stop claim complete reap reconcile deploy-begin finalize-deploy queue event approve reject confirm-deploy retry help" -f -a "event" -d 'Handle one Plane webhook delivery read from stdin'
+complete -c orchctl -n "__fish_orchctl_using_subcommand help; and not __fish_seen_subcommand_from migrate task stop claim complete reap reconcile deploy-begin finalize-deploy queue event approve reject confirm-deploy retry help" -f -a "approve" -d 'Approve a task parked in analysis (Plane\'s Approved): on to development'
+complete -c orchctl -n "__fish_orchctl_using_subcommand help; and not __fish_seen_subcommand_from migrate task stop claim complete reap reconcile deploy-begin finalize-deploy queue event approve reject confirm-deploy retry help" -f -a "reject" -d 'Reject a task\'s work (Plane\'s Rejected): analysis again, or back to development'
+complete -c orchctl -n "__fish_orchctl_using_subcommand help; and not __fish_seen_subcommand_from migrate task stop claim complete reap reconcile deploy-begin finalize-deploy queue event approve reject confirm-deploy retry help" -f -a "confirm-deploy" -d 'Confirm the deploy of a task parked in deploy (Plane\'s Confirm Deploy)'
+complete -c orchctl -n "__fish_orchctl_using_subcommand help; and not __fish_seen_subcommand_from migrate task stop claim complete reap reconcile deploy-begin finalize-deploy queue event approve reject confirm-deploy retry help" -f -a "retry" -d 'Run a stuck stage\'s failed job once more'
+complete -c orchctl -n "__fish_orchctl_using_subcommand help; and not __fish_seen_subcommand_from migrate task stop claim complete reap reconcile deploy-begin finalize-deploy queue event approve reject confirm-deploy retry help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
 complete -c orchctl -n "__fish_orchctl_using_subcommand help; and __fish_seen_subcommand_from task" -f -a "add" -d 'Create a task and queue the first job of its stage'
 complete -c orchctl -n "__fish_orchctl_using_subcommand help; and __fish_seen_subcommand_from task" -f -a "show" -d 'Show a task with its jobs, lease, marker and side effects'
 complete -c orchctl -n "__fish_orchctl_using_subcommand help; and __fish_seen_subcommand_from task" -f -a "list" -d 'List tasks, newest first'

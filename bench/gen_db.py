@@ -2,6 +2,7 @@
 """Fills a database that `orchctl migrate` created with a realistic history.
 
 Usage: gen_db.py DB --jobs N [--queued Q]
+       gen_db.py DB --history H --live N      # a live set of N tasks (SPEC §10)
 
 The schema is the real one (made by `orchctl migrate` beforehand); this script only
 inserts rows, with set-based SQL so a million jobs take seconds, not minutes.
@@ -19,6 +20,18 @@ Layout (ids grow with time, as in a real database):
     developer jobs, 10 tasks parked in deploy (one holds repo-3's merge lease), 10 in
     analysis awaiting approval.
 History fills the database up to N jobs in total.
+
+With --live N the live layer is N tasks in fixed proportions instead, so a database with
+200k live tasks and one with 150 differ in nothing but the size of the live set (the
+fixed rows below included in N; the proportions apply to the rest):
+  * 4% blocked by a dependency on a live analysis task (queued developer, at the head of
+    the queue), 46% with a queued job (analysis/development/review as above): half the
+    live tasks have a queued job (100k of 200k);
+  * 15% parked in deploy awaiting Confirm Deploy, 10% stuck (the developer failed its
+    last attempt), the rest (25%) parked in analysis awaiting approval;
+  * as in every database: 20 running developer jobs, one merge lease (repo-3), and 10
+    deploy windows with a deferred STOP pending (marker initiated).
+--history H then sets the history to exactly H jobs (instead of filling up to --jobs).
 """
 
 import argparse
@@ -31,10 +44,14 @@ AGENTS = ("analyst", "developer", "reviewer", "deployer")
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("db")
-    ap.add_argument("--jobs", type=int, required=True)
     ap.add_argument("--queued", type=int, default=150,
                     help="live tasks with a queued job (split analysis/development/review)")
     ap.add_argument("--running", type=int, default=20)
+    ap.add_argument("--live", type=int, default=0,
+                    help="a live set of this many tasks in fixed proportions (see above)")
+    ap.add_argument("--history", type=int, default=None,
+                    help="exactly this many jobs of history (default: fill up to --jobs)")
+    ap.add_argument("--jobs", type=int, default=0)
     a = ap.parse_args()
 
     c = sqlite3.connect(a.db, isolation_level=None)
@@ -48,20 +65,32 @@ def main():
     c.execute("PRAGMA cache_size=-262144")
 
     # ---- the live layer, sized first so history can fill the rest -------------------
-    q = a.queued
     live = []  # (stage, [(agent, status)], blocked)
+    done3 = [("analyst", "done"), ("developer", "done"), ("reviewer", "done")]
+    if a.live:
+        # The running jobs and the deploy windows below are part of the N.
+        n = max(0, a.live - a.running - 10)
+        blocked = max(1, n * 4 // 100)
+        q = n // 2 - blocked
+        parked_deploy, failed = n * 15 // 100, n * 10 // 100
+        parked_analysis = max(0, n - blocked - q - parked_deploy - failed)
+    else:
+        blocked, q = 10, a.queued
+        parked_analysis, parked_deploy, failed = 10, 10, 0
     n_an, n_dev = int(q * 0.4), int(q * 1 / 3)
     n_rev = q - n_an - n_dev
-    blocked = 10
     live += [("development", [("analyst", "done"), ("developer", "queued")], True)] * blocked
     live += [("analysis", [("analyst", "queued")], False)] * n_an
     live += [("development", [("analyst", "done"), ("developer", "queued")], False)] * n_dev
     live += [("review", [("analyst", "done"), ("developer", "done"), ("reviewer", "queued")], False)] * n_rev
     live += [("development", [("analyst", "done"), ("developer", "running")], False)] * a.running
-    live += [("deploy", [("analyst", "done"), ("developer", "done"), ("reviewer", "done")], False)] * 10
-    live += [("analysis", [("analyst", "done")], False)] * 10
+    live += [("deploy", done3, False)] * parked_deploy
+    live += [("analysis", [("analyst", "done")], False)] * parked_analysis
+    live += [("development", [("analyst", "done"), ("developer", "failed")], False)] * failed
+    if a.live:
+        live += [("deploy", done3 + [("deployer", "running")], False)] * 10
     live_jobs = sum(len(j) for _, j, _ in live)
-    hist_jobs = max(0, a.jobs - live_jobs)
+    hist_jobs = a.history if a.history is not None else max(0, a.jobs - live_jobs)
 
     # ---- history: task classes by id % 100 ---------------------------------------------
     # class 0 = done (4 jobs), 1 = done with a failed developer run (5), 2 = cancelled (3)
@@ -134,7 +163,7 @@ def main():
             deps.append(tid)
         for agent, status in js:
             jobs.append((agent, f"repo-{tid % 10}", tid, status,
-                         0 if status == "queued" else 1))
+                         0 if status == "queued" else (2 if status == "failed" else 1)))
     c.executemany(f"""
         INSERT INTO tasks (id, plane_id, work_item_id, plane_issue_id, project_id, repo, branch,
                            title, stage, created_at, updated_at)
@@ -148,7 +177,7 @@ def main():
                           claimed_at, finished_at)
         VALUES (?1, ?2, ?3, ?4, ?5, 2, {ts.format("'now', '-1 day'")},
                 CASE WHEN ?5 > 0 THEN {ts.format("'now', '-1 day'")} END,
-                CASE WHEN ?4 = 'done' THEN {ts.format("'now', '-1 day'")} END)""", jobs)
+                CASE WHEN ?4 IN ('done', 'failed') THEN {ts.format("'now', '-1 day'")} END)""", jobs)
     c.execute("UPDATE jobs SET run_id = id WHERE run_id IS NULL AND attempts > 0")
     # Running jobs were claimed just now (reap judges pid-less runs by age).
     now = ts.format("'now'")
@@ -157,6 +186,17 @@ def main():
         INSERT INTO merge_leases (repo, branch, task_id, acquired_at)
         SELECT repo, branch, id, {ts.format("'now'")} FROM tasks
         WHERE stage = 'deploy' AND repo = 'repo-3' ORDER BY id LIMIT 1""")
+    if a.live:
+        # Deploy windows open (their deployer runs) with a STOP waiting for them.
+        c.execute(f"""
+            INSERT INTO deploy_markers (repo, work_item_id, state, task_id, set_at)
+            SELECT t.repo, t.work_item_id, 'initiated', t.id, {ts.format("'now'")}
+            FROM tasks t JOIN jobs j ON j.task_id = t.id
+            WHERE t.stage = 'deploy' AND j.agent = 'deployer' AND j.status = 'running'""")
+        c.execute(f"""
+            UPDATE tasks SET cancel_requested_at = {ts.format("'now'")},
+                             cancel_reason = 'stopped during its deploy'
+            WHERE id IN (SELECT task_id FROM deploy_markers)""")
 
     # ---- audit trail, outbox, deliveries ---------------------------------------------
     c.execute(f"""

@@ -111,15 +111,17 @@ impl<'c> Reader<'c> {
     }
 
     /// Live tasks whose dependencies are not all done, with the ones they wait on: the
-    /// tasks awaiting a dependency (not done, or cancelled), read from `task_waits`.
+    /// tasks awaiting a dependency, read from `task_waits` in its index's order (those
+    /// blocked for good by a cancelled dependency first, then the longest waiting), so
+    /// the read stops after `limit` entries however many tasks wait.
     pub fn blocked_tasks(&self, limit: i64) -> Result<Vec<(i64, Vec<i64>)>> {
         let mut stmt = self.c.prepare_cached(
             "SELECT w.task_id, (SELECT group_concat(d.depends_on) FROM task_deps d
                                  LEFT JOIN tasks dt ON dt.id = d.depends_on
                                  WHERE d.task_id = w.task_id AND dt.stage IS NOT 'done')
              FROM task_waits w INDEXED BY task_waits_kind
-             WHERE w.kind IN ('dependency', 'blocked_by_cancelled')
-             ORDER BY w.task_id LIMIT ?1",
+             WHERE w.kind IN ('blocked_by_cancelled', 'dependency')
+             ORDER BY w.kind, w.since, w.task_id LIMIT ?1",
         )?;
         let rows = stmt
             .query_map([limit], |r| {

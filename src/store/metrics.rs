@@ -80,8 +80,9 @@ impl<'c> Reader<'c> {
     /// parked in `deploy` without a failed deployer job; the stage's latest job failed;
     /// depending on a cancelled task. Tasks with a job queued or running, or a STOP
     /// pending, wait on nobody. Driven by the live tasks' partial index, each task checked
-    /// through the `(task_id, status)` index of jobs and the dependency key, so the cost
-    /// is the live set's, never the history's.
+    /// through the `(task_id, status)` index of jobs and the dependency key (`+dt.stage`
+    /// keeps the planner on the task's key: the stage index holds the whole history), so
+    /// the cost is the live set's, never the history's.
     pub fn metrics_awaiting_counts(&self) -> Result<[i64; 4]> {
         self.c
             .prepare_cached(
@@ -101,7 +102,7 @@ impl<'c> Reader<'c> {
                                                           WHEN 'deploy' THEN 'deployer' END
                              ORDER BY j.id DESC LIMIT 1) AS last,
                             EXISTS(SELECT 1 FROM task_deps d JOIN tasks dt ON dt.id = d.depends_on
-                                   WHERE d.task_id = t.id AND dt.stage = 'cancelled') AS blocked
+                                   WHERE d.task_id = t.id AND +dt.stage = 'cancelled') AS blocked
                      FROM tasks t
                      WHERE t.stage NOT IN ('done', 'cancelled') AND t.cancel_requested_at IS NULL
                  )",

@@ -1283,7 +1283,11 @@ fn hand_over(env: &Env) -> PathBuf {
             .arg(env.path())
             .output()
             .unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     bin
 }
@@ -1410,21 +1414,25 @@ impl WebhookServer {
             .and_then(|v| v.to_str().ok())
             .unwrap_or_default()
             .to_string();
-        (status, content_type, resp.into_body().read_to_string().unwrap())
+        (
+            status,
+            content_type,
+            resp.into_body().read_to_string().unwrap(),
+        )
     }
 }
 
 /// The server's flags from the shipped systemd drop-in's `ExecStart=`, which must run it
 /// as the unprivileged `orchctl` user with its own temp dir.
 fn drop_in_flags() -> Vec<String> {
-    let unit = std::fs::read_to_string(scripts().join("systemd/webhook.service.d/orchctl.conf"))
-        .unwrap();
+    let unit =
+        std::fs::read_to_string(scripts().join("systemd/webhook.service.d/orchctl.conf")).unwrap();
     assert!(unit.lines().any(|l| l == "User=orchctl"), "{unit}");
     assert!(unit.lines().any(|l| l == "PrivateTmp=yes"), "{unit}");
     let exec = unit
         .lines()
         .filter_map(|l| l.strip_prefix("ExecStart="))
-        .last()
+        .next_back()
         .expect("an ExecStart= line");
     let mut words = exec.split_whitespace();
     assert_eq!(words.next(), Some("/usr/bin/webhook"), "{exec}");
@@ -1573,8 +1581,14 @@ fn end_to_end_a_signed_delivery_through_the_real_webhook_server_stops_the_task()
     assert_eq!(status, 200, "{text}\n{}", server.log_text());
     assert_eq!(content_type, "text/plain; version=0.0.4; charset=utf-8");
     crate::ops::promtool_check(&text);
-    assert!(text.contains("\norchctl_tasks{stage=\"cancelled\"} 1\n"), "{text}");
-    assert!(text.contains("\norchctl_jobs{status=\"cancelled\"} 1\n"), "{text}");
+    assert!(
+        text.contains("\norchctl_tasks{stage=\"cancelled\"} 1\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains("\norchctl_jobs{status=\"cancelled\"} 1\n"),
+        "{text}"
+    );
 
     // Each body went to a file in the server's temp dir, and nothing was left in `/`.
     let log = server.log_text();

@@ -226,12 +226,25 @@ fn metrics_of_a_mixed_database_pass_promtool_and_carry_its_numbers() {
     assert_eq!(json_asked, text);
 
     // Nothing queued: the age is 0, not missing; a claim moves the numbers.
-    sql(&env, "UPDATE jobs SET status = 'running' WHERE status = 'queued'", []);
+    sql(
+        &env,
+        "UPDATE jobs SET status = 'running' WHERE status = 'queued'",
+        [],
+    );
     let (_, text, _) = faked(&env, FROZEN, &["metrics"]);
     promtool_check(&text);
-    assert!(text.contains("\norchctl_oldest_queued_job_age_seconds 0.000\n"), "{text}");
-    assert!(text.contains("\norchctl_jobs{status=\"running\"} 4\n"), "{text}");
-    assert!(text.contains("\norchctl_agents_running{agent=\"analyst\"} 1\n"), "{text}");
+    assert!(
+        text.contains("\norchctl_oldest_queued_job_age_seconds 0.000\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains("\norchctl_jobs{status=\"running\"} 4\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains("\norchctl_agents_running{agent=\"analyst\"} 1\n"),
+        "{text}"
+    );
 }
 
 /// A label value orchctl did not write (plain SQL can) is escaped and still parses.
@@ -296,7 +309,10 @@ fn metrics_textfile_is_renamed_into_place_and_nothing_is_printed() {
     let renames: Vec<&str> = trace.lines().filter(|l| l.contains(&target)).collect();
     assert_eq!(renames.len(), 1, "{trace}");
     let from = format!("\"{}/.orchctl.prom.", dir.display());
-    assert!(renames[0].contains(&from) && renames[0].contains("= 0"), "{trace}");
+    assert!(
+        renames[0].contains(&from) && renames[0].contains("= 0"),
+        "{trace}"
+    );
 
     // A folder that does not exist: one line, exit 1, nothing created.
     let missing = env.path().join("no-such-folder");
@@ -360,16 +376,34 @@ fn counts(r: &Value) -> (i64, i64, i64) {
 fn prune_deletes_what_aged_past_its_window_and_never_a_task_job_or_audit_row() {
     let env = Env::new();
     // Work done through the commands, so the audit trail has rows too.
-    let done = env.json(&["task", "add", "--repo", "orchestrator", "--work-item", "ORCH-1"])
-        ["task"]["id"]
+    let done = env.json(&[
+        "task",
+        "add",
+        "--repo",
+        "orchestrator",
+        "--work-item",
+        "ORCH-1",
+    ])["task"]["id"]
         .as_i64()
         .unwrap();
-    let cancelled = env.json(&["task", "add", "--repo", "orchestrator", "--work-item", "ORCH-2"])
-        ["task"]["id"]
+    let cancelled = env.json(&[
+        "task",
+        "add",
+        "--repo",
+        "orchestrator",
+        "--work-item",
+        "ORCH-2",
+    ])["task"]["id"]
         .as_i64()
         .unwrap();
-    let live = env.json(&["task", "add", "--repo", "orchestrator", "--work-item", "ORCH-3"])
-        ["task"]["id"]
+    let live = env.json(&[
+        "task",
+        "add",
+        "--repo",
+        "orchestrator",
+        "--work-item",
+        "ORCH-3",
+    ])["task"]["id"]
         .as_i64()
         .unwrap();
     // Finished now: one done, one cancelled (plain SQL, so no side effect of their own).
@@ -409,8 +443,7 @@ fn prune_deletes_what_aged_past_its_window_and_never_a_task_job_or_audit_row() {
     // written long ago (the database's finish time counts).
     let finished = env.make_job_full(done, "analyst", "done", None, None, Some(1), 1, 2);
     let running = env.make_job_full(live, "developer", "running", None, None, Some(5), 1, 2);
-    let old_write =
-        env.make_job_full(cancelled, "analyst", "cancelled", None, None, Some(7), 1, 2);
+    let old_write = env.make_job_full(cancelled, "analyst", "cancelled", None, None, Some(7), 1, 2);
     sql(
         &env,
         "UPDATE jobs SET finished_at = strftime('%Y-%m-%dT%H:%M:%fZ','now') WHERE id IN (?1, ?2)",
@@ -515,7 +548,10 @@ fn a_new_database_file_is_announced_once_with_its_path() {
     assert_eq!(code, 0, "{err}");
     assert_eq!(
         err.lines().collect::<Vec<_>>(),
-        [format!("orchctl: created a new database at {}", typo.display())]
+        [format!(
+            "orchctl: created a new database at {}",
+            typo.display()
+        )]
     );
     assert!(typo.exists());
     let (code, _, err) = env.run(&["queue"]);
@@ -541,7 +577,10 @@ fn task_add_warns_when_the_repo_has_no_clone_and_adds_the_task() {
         err.starts_with("orchctl: warning: repo \"typo\" has no clone"),
         "{err}"
     );
-    assert!(err.contains(env.repos.join("typo").to_str().unwrap()), "{err}");
+    assert!(
+        err.contains(env.repos.join("typo").to_str().unwrap()),
+        "{err}"
+    );
     // A folder that is not a clone is no better.
     std::fs::create_dir_all(env.repos.join("empty")).unwrap();
     let (_, _, err) = env.run(&["task", "add", "--repo", "empty", "--work-item", "ORCH-2"]);

@@ -436,7 +436,10 @@ fn the_counters_match_the_rows() {
 /// The plan lines of every statement `ctx` ran whose SQL contains `fragment`.
 fn plans_of(ctx: &Ctx, statements: &[String], fragment: &str) -> Vec<String> {
     let found: Vec<&String> = statements.iter().filter(|s| s.contains(fragment)).collect();
-    assert!(!found.is_empty(), "no statement with {fragment:?}: {statements:#?}");
+    assert!(
+        !found.is_empty(),
+        "no statement with {fragment:?}: {statements:#?}"
+    );
     found
         .into_iter()
         .flat_map(|s| ctx.store.explain(s).unwrap())
@@ -461,8 +464,14 @@ fn metrics_never_scans_history_and_each_read_has_its_index() {
         ("FROM job_counts", "job_counts"),
         ("FROM task_counts", "task_counts"),
         ("FROM outbox WHERE status = ?1", "outbox_status"),
-        ("FROM jobs WHERE status = 'queued' ORDER BY id LIMIT 1", "jobs_status_id"),
-        ("FROM jobs WHERE status = 'running' GROUP BY agent", "jobs_status_id"),
+        (
+            "FROM jobs WHERE status = 'queued' ORDER BY id LIMIT 1",
+            "jobs_status_id",
+        ),
+        (
+            "FROM jobs WHERE status = 'running' GROUP BY agent",
+            "jobs_status_id",
+        ),
         ("FROM merge_leases", "merge_leases"),
         ("blocked", "tasks_live"),
     ] {
@@ -495,11 +504,23 @@ fn prune_never_scans_a_table_it_does_not_prune() {
     // batches); tasks and jobs are only ever looked up by key.
     let sql = check_plans("prune", &ctx);
     for (fragment, step) in [
-        ("FROM plane_deliveries", "USING INTEGER PRIMARY KEY (rowid>?)"),
-        ("FROM outbox o CROSS JOIN tasks t", "USING INTEGER PRIMARY KEY (rowid>?)"),
-        ("FROM outbox o CROSS JOIN tasks t", "SEARCH t USING INTEGER PRIMARY KEY (rowid=?)"),
+        (
+            "FROM plane_deliveries",
+            "USING INTEGER PRIMARY KEY (rowid>?)",
+        ),
+        (
+            "FROM outbox o CROSS JOIN tasks t",
+            "USING INTEGER PRIMARY KEY (rowid>?)",
+        ),
+        (
+            "FROM outbox o CROSS JOIN tasks t",
+            "SEARCH t USING INTEGER PRIMARY KEY (rowid=?)",
+        ),
     ] {
         let plan = plans_of(&ctx, &sql, fragment);
-        assert!(plan.iter().any(|l| l.contains(step)), "{fragment}: {plan:#?}");
+        assert!(
+            plan.iter().any(|l| l.contains(step)),
+            "{fragment}: {plan:#?}"
+        );
     }
 }

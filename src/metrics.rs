@@ -167,7 +167,7 @@ pub fn exposition(m: &Metrics) -> String {
     e.labelled("orchctl_awaiting_tasks", "kind", &m.awaiting);
     e.family(
         "orchctl_oldest_queued_job_age_seconds",
-        "Age of the first queued job in claim order; 0 when nothing is queued.",
+        "Seconds since the first queued job in claim order was created; 0 when nothing is queued.",
     );
     e.sample(
         "orchctl_oldest_queued_job_age_seconds",

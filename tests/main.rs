@@ -7,6 +7,7 @@ mod fault;
 mod hostile;
 mod lifecycle;
 mod operator;
+mod ops;
 mod plans;
 mod queue;
 mod reliability;

@@ -204,15 +204,19 @@ fn run(cli: Cli) -> Result<Option<Output>> {
         );
     }
     let output = match cli.command {
-        Command::Migrate => laid_out(
-            &json!({
-                "ok": true,
-                "from": ctx.store.opened_version(),
-                "to": ctx.store.user_version()?,
-                "db": ctx.store.path(),
-            }),
-            render::migrate,
-        )?,
+        Command::Migrate => {
+            // After a bulk load by another tool: what tasks wait for is settled here.
+            ctx.store.settle_waits()?;
+            laid_out(
+                &json!({
+                    "ok": true,
+                    "from": ctx.store.opened_version(),
+                    "to": ctx.store.user_version()?,
+                    "db": ctx.store.path(),
+                }),
+                render::migrate,
+            )?
+        }
         Command::Task(TaskCommand::Add(a)) => {
             let repo = a.repo.clone();
             let mut o = laid_out(

@@ -265,6 +265,21 @@ impl Awaiting {
     }
 }
 
+/// What a live task waits for when no job of it is queued or running, no deploy window is
+/// open and no dependency holds it: decided by its stage and its stage agent's last job.
+/// A failed last job waits for a retry; the parks of the stage map (the moves that leave
+/// a task without a job, [`Move::parks`]) wait for people — an analysis whose analyst
+/// succeeded for Approved / Rejected, a deploy (entered from review, or whose deploy
+/// failed) for Confirm Deploy.
+pub fn waiting_in(stage: Stage, last_job: Option<JobStatus>) -> Option<Awaiting> {
+    match (stage, last_job) {
+        (s, Some(JobStatus::Failed)) if !s.is_terminal() => Some(Awaiting::Failed),
+        (Stage::Analysis, Some(JobStatus::Done)) => Some(Awaiting::Approval),
+        (Stage::Deploy, _) => Some(Awaiting::DeployConfirmation),
+        _ => None,
+    }
+}
+
 /// What moves a task.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Trigger {
@@ -467,6 +482,26 @@ mod tests {
         assert!(MOVES.iter().all(|m| !m.from.is_terminal()));
         assert!(Cancelled.is_terminal() && Done.is_terminal() && !Deploy.is_terminal());
         assert!(Review.is_mid_pipeline() && !Analysis.is_mid_pipeline());
+    }
+
+    #[test]
+    fn a_parked_task_waits_for_what_its_park_in_the_map_says() {
+        // Every park of the table is a wait (the stage the move parks the task in).
+        for m in MOVES.iter().filter(|m| m.parks.is_some()) {
+            let last = if m.from == m.to {
+                Some(JobStatus::Done)
+            } else {
+                None
+            };
+            assert_eq!(waiting_in(m.to, last), m.parks, "{m:?}");
+        }
+        assert_eq!(
+            waiting_in(Review, Some(JobStatus::Failed)),
+            Some(Awaiting::Failed)
+        );
+        assert_eq!(waiting_in(Review, Some(JobStatus::Done)), None);
+        assert_eq!(waiting_in(Analysis, None), None);
+        assert_eq!(waiting_in(Done, Some(JobStatus::Failed)), None);
     }
 
     #[test]

@@ -892,15 +892,47 @@ fn queue_awaiting_lists_exactly_the_waiting_tasks_of_a_mixed_database() {
         "{shown}"
     );
 
-    // The answer follows the rows, however they are written: plain SQL moves a task on.
-    env.sql()
-        .execute(
-            "UPDATE jobs SET status = 'queued' WHERE task_id = ?1",
-            [id("development, developer failed")],
-        )
-        .unwrap();
-    let q = env.json(&["queue"]);
-    assert_eq!(q["awaiting"]["counts"]["failed"], 3);
+    // The answer follows the rows, however they are written: plain SQL moves tasks on,
+    // and the reads (which never write) see it before any orchctl write settles it.
+    let dev_failed = id("development, developer failed");
+    let parked = id("analysis, parked");
+    let c = env.sql();
+    c.execute(
+        "UPDATE jobs SET status = 'queued' WHERE task_id = ?1",
+        [dev_failed],
+    )
+    .unwrap();
+    c.execute(
+        "INSERT INTO jobs (agent, repo, task_id, status) VALUES ('analyst', 'orchestrator', ?1, 'queued')",
+        [parked],
+    )
+    .unwrap();
+    let stale = || env.count("SELECT count(*) FROM task_waits_stale");
+    assert_eq!(stale(), 2);
+    let check = |when: &str| {
+        let q = env.json(&["queue"]);
+        assert_eq!(q["awaiting"]["counts"]["failed"], 3, "{when}: {q}");
+        assert_eq!(q["awaiting"]["counts"]["approval"], 0, "{when}: {q}");
+        assert_eq!(q["awaiting"]["approval"], json!([]), "{when}: {q}");
+        assert!(q["awaiting"]["failed"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|t| t["id"] != dev_failed));
+        assert!(show(parked).is_null(), "{when}");
+    };
+    check("before any orchctl write");
+    // `migrate` (like any write) settles them.
+    env.json(&["migrate"]);
+    assert_eq!(stale(), 0);
+    check("settled");
+    // A claim (queued -> running) changes nothing a task waits for, and marks nothing.
+    c.execute(
+        "UPDATE jobs SET status = 'running', run_id = 9999 WHERE task_id = ?1 AND status = 'queued'",
+        [parked],
+    )
+    .unwrap();
+    assert_eq!(stale(), 0);
 }
 
 #[test]

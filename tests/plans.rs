@@ -71,7 +71,10 @@ const OWN_INDEXES: [(&str, &str); 2] = [
         "tasks_cancel_pending",
         "FROM tasks INDEXED BY tasks_cancel_pending",
     ),
-    ("task_waits_kind", "FROM task_waits"),
+    (
+        "task_waits_kind",
+        "FROM task_waits INDEXED BY task_waits_kind",
+    ),
 ];
 
 /// The table each name in `sql` can stand for: the table itself and its aliases

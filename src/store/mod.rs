@@ -249,7 +249,8 @@ impl Store {
         let w = Writer {
             r: Reader { c: &self.conn },
         };
-        match f(&w) {
+        // What tasks wait for follows every change in the same transaction.
+        match f(&w).and_then(|v| w.settle_waits().map(|_| v)) {
             Ok(v) => match self.conn.execute_batch("COMMIT") {
                 Ok(()) => {
                     self.checkpoint_if_large();

@@ -281,75 +281,33 @@ fn m4_task_counts(conn: &Connection) -> Result<()> {
     Ok(())
 }
 
-/// The definition of what a task waits for (SPEC §14), as SQL over one task `t`: the
-/// triggers of [`m5_awaiting`] keep it in `task_waits`. In order: a terminal task or
-/// one with a STOP pending waits for nothing; a cancelled dependency blocks it for good; a
-/// dependency not done yet holds it; a queued or running job, or an open deploy window,
-/// is work in progress; then the stage's last job decides — failed: a retry; done in
-/// analysis: an approval; in deploy (nothing failed): a Confirm Deploy.
-fn awaiting_sql() -> String {
-    use crate::pipeline::Stage;
-    let agents: String = Stage::LIVE
-        .iter()
-        .filter_map(|s| s.agent().map(|a| format!(" WHEN '{s}' THEN '{a}'")))
-        .collect();
-    format!(
-        "CASE
-            WHEN t.stage IN ('done', 'cancelled') OR t.cancel_requested_at IS NOT NULL THEN NULL
-            WHEN EXISTS (SELECT 1 FROM task_deps d JOIN tasks dt ON dt.id = d.depends_on
-                         WHERE d.task_id = t.id AND +dt.stage = 'cancelled') THEN 'blocked_by_cancelled'
-            WHEN EXISTS (SELECT 1 FROM task_deps d LEFT JOIN tasks dt ON dt.id = d.depends_on
-                         WHERE d.task_id = t.id AND dt.stage IS NOT 'done') THEN 'dependency'
-            WHEN EXISTS (SELECT 1 FROM jobs j WHERE j.task_id = t.id
-                         AND j.status IN ('queued', 'running')) THEN NULL
-            WHEN t.stage = 'deploy' AND EXISTS (SELECT 1 FROM deploy_markers m
-                         WHERE m.repo = t.repo AND m.work_item_id = t.work_item_id
-                         AND m.state = 'initiated') THEN NULL
-            ELSE CASE (SELECT j.status FROM jobs j
-                       WHERE j.task_id = t.id AND j.agent = CASE t.stage{agents} END
-                       ORDER BY j.id DESC LIMIT 1)
-                WHEN 'failed' THEN 'failed'
-                WHEN 'done' THEN CASE t.stage WHEN 'analysis' THEN 'approval'
-                                              WHEN 'deploy' THEN 'deploy_confirmation' END
-                ELSE CASE t.stage WHEN 'deploy' THEN 'deploy_confirmation' END
-            END
-        END"
-    )
-}
-
-/// What a task waits for, kept by triggers (SPEC §14): one `task_waits` row per waiting
-/// task (its kind, since when, and the fields `queue` lists), an index by kind and age,
-/// and per-kind counts (`awaiting_counts`), so `queue`'s `awaiting` block and `orchctl
-/// metrics` cost the same with 200k live tasks as with 150. Triggers, not the commands,
-/// keep them, so rows that other tools write with plain SQL (the seed's tests, an
-/// operator's fix) count too. A table of its own rather than columns of `tasks`: the
-/// block reads nothing else, so it stays readable when `tasks` is not (SPEC §8).
+/// What a task waits for (SPEC §14), kept in a table of its own: `task_waits` holds one
+/// row per waiting task (its kind, since when, and the fields `queue` lists) with an
+/// index by kind and age, and `awaiting_counts` the per-kind counts, so `queue`'s
+/// `awaiting` block and `orchctl metrics` cost the same with 200k live tasks as with 150.
+/// (A table, not columns of `tasks`: the block reads nothing else, so it stays readable
+/// when `tasks` is not, SPEC §8.)
+///
+/// Which kind is decided in Rust (`store/live.rs`, from the stage map), not by triggers:
+/// a trigger is compiled into every statement that fires it, and a trigger computing the
+/// kind made each `claim` compile about 800 more instructions (1.4 ms). The triggers here
+/// only mark a task as stale — whatever writes its jobs, stage, dependencies or deploy
+/// marker, orchctl or plain SQL — and every orchctl write transaction settles the stale
+/// tasks before it commits; reads treat a task still marked (written by another tool
+/// since) as its rows say. A claim or a requeue (one active status to the other) changes
+/// nothing a task waits for and marks nothing.
 fn m5_awaiting(conn: &Connection) -> Result<()> {
-    let expr = awaiting_sql();
-    // Refreshes the waits of the tasks `which` selects (`t` is the task): a row when the
-    // task waits, none when it does not, and `since` kept while the kind stays the same.
-    // The view is flattened into a primary-key lookup of each task.
-    let refresh = |which: &str| {
+    // Only a live task can start or stop waiting: a finished task's row went when it
+    // finished (its stage change marked it), so the history a bulk load writes marks
+    // nothing.
+    let mark = |id: &str| {
         format!(
-            "DELETE FROM task_waits WHERE task_id IN (SELECT t.id FROM tasks t WHERE {which})
-                 AND (SELECT a.kind FROM task_awaiting a WHERE a.id = task_waits.task_id) IS NULL;
-             INSERT INTO task_waits (task_id, kind, since, work_item_id, repo, stage)
-                 SELECT t.id, a.kind, {NOW}, t.work_item_id, t.repo, t.stage
-                 FROM tasks t JOIN task_awaiting a ON a.id = t.id
-                 WHERE {which} AND a.kind IS NOT NULL
-                 ON CONFLICT(task_id) DO UPDATE SET
-                     since = CASE WHEN kind IS excluded.kind THEN since ELSE excluded.since END,
-                     kind = excluded.kind, work_item_id = excluded.work_item_id,
-                     repo = excluded.repo, stage = excluded.stage
-                 WHERE kind IS NOT excluded.kind OR stage IS NOT excluded.stage
-                    OR work_item_id IS NOT excluded.work_item_id OR repo IS NOT excluded.repo;"
+            "INSERT OR IGNORE INTO task_waits_stale (task_id)
+                 SELECT t.id FROM tasks t WHERE t.id = {id} AND t.stage NOT IN ('done', 'cancelled');"
         )
     };
     conn.execute_batch(&format!(
         "
-        DROP VIEW IF EXISTS task_awaiting;
-        CREATE VIEW task_awaiting AS SELECT t.id AS id, {expr} AS kind FROM tasks t;
-
         CREATE TABLE IF NOT EXISTS task_waits (
             task_id INTEGER PRIMARY KEY,
             kind TEXT NOT NULL,
@@ -363,17 +321,10 @@ fn m5_awaiting(conn: &Connection) -> Result<()> {
             kind TEXT PRIMARY KEY,
             n INTEGER NOT NULL
         ) WITHOUT ROWID;
-
-        DELETE FROM task_waits;
-        INSERT INTO task_waits (task_id, kind, since, work_item_id, repo, stage)
-            SELECT t.id, a.kind,
-                   coalesce((SELECT max(j.finished_at) FROM jobs j WHERE j.task_id = t.id),
-                            t.updated_at, t.created_at, {NOW}),
-                   t.work_item_id, t.repo, t.stage
-            FROM tasks t JOIN task_awaiting a ON a.id = t.id
-            WHERE t.stage NOT IN ('done', 'cancelled') AND a.kind IS NOT NULL;
-        DELETE FROM awaiting_counts;
-        INSERT INTO awaiting_counts(kind, n) SELECT kind, count(*) FROM task_waits GROUP BY kind;
+        CREATE TABLE IF NOT EXISTS task_waits_stale (task_id INTEGER PRIMARY KEY);
+        -- Every live task is settled by the migration's own transaction.
+        INSERT OR IGNORE INTO task_waits_stale (task_id)
+            SELECT id FROM tasks WHERE stage NOT IN ('done', 'cancelled');
 
         CREATE TRIGGER IF NOT EXISTS task_waits_insert AFTER INSERT ON task_waits BEGIN
             INSERT INTO awaiting_counts(kind, n) VALUES (NEW.kind, 1)
@@ -389,56 +340,50 @@ fn m5_awaiting(conn: &Connection) -> Result<()> {
                 ON CONFLICT(kind) DO UPDATE SET n = n + 1;
         END;
 
-        CREATE TRIGGER IF NOT EXISTS awaiting_task_insert AFTER INSERT ON tasks BEGIN
-            {task_new}
+        CREATE TRIGGER IF NOT EXISTS waits_job_insert AFTER INSERT ON jobs
+            WHEN NEW.task_id IS NOT NULL BEGIN {job_new} END;
+        CREATE TRIGGER IF NOT EXISTS waits_job_status AFTER UPDATE OF status ON jobs
+            WHEN NEW.task_id IS NOT NULL AND OLD.status IS NOT NEW.status
+             AND NOT (OLD.status IN ('queued', 'running') AND NEW.status IN ('queued', 'running'))
+            BEGIN {job_new} END;
+        CREATE TRIGGER IF NOT EXISTS waits_job_delete AFTER DELETE ON jobs
+            WHEN OLD.task_id IS NOT NULL BEGIN {job_old} END;
+        CREATE TRIGGER IF NOT EXISTS waits_task_insert AFTER INSERT ON tasks BEGIN {task_new} END;
+        CREATE TRIGGER IF NOT EXISTS waits_task_update
+            AFTER UPDATE OF stage, cancel_requested_at, work_item_id, repo ON tasks BEGIN
+            INSERT OR IGNORE INTO task_waits_stale (task_id) VALUES (NEW.id);
+            -- A dependency finished or was cancelled: its dependents wait differently now.
+            INSERT OR IGNORE INTO task_waits_stale (task_id)
+                SELECT d.task_id FROM task_deps d JOIN tasks t ON t.id = d.task_id
+                WHERE d.depends_on = NEW.id AND OLD.stage IS NOT NEW.stage
+                  AND t.stage NOT IN ('done', 'cancelled');
         END;
-        CREATE TRIGGER IF NOT EXISTS awaiting_task_update AFTER UPDATE OF stage, cancel_requested_at ON tasks BEGIN
-            {task_new}
+        CREATE TRIGGER IF NOT EXISTS waits_task_delete AFTER DELETE ON tasks BEGIN
+            INSERT OR IGNORE INTO task_waits_stale (task_id) VALUES (OLD.id);
         END;
-        CREATE TRIGGER IF NOT EXISTS awaiting_task_delete AFTER DELETE ON tasks BEGIN
-            DELETE FROM task_waits WHERE task_id = OLD.id;
+        CREATE TRIGGER IF NOT EXISTS waits_dep_insert AFTER INSERT ON task_deps BEGIN {dep_new} END;
+        CREATE TRIGGER IF NOT EXISTS waits_dep_delete AFTER DELETE ON task_deps BEGIN {dep_old} END;
+        CREATE TRIGGER IF NOT EXISTS waits_marker_insert AFTER INSERT ON deploy_markers BEGIN
+            INSERT OR IGNORE INTO task_waits_stale (task_id)
+                SELECT t.id FROM tasks t
+                WHERE t.work_item_id = NEW.work_item_id AND t.repo = NEW.repo;
         END;
-        -- A dependency finished or was cancelled: its dependents wait differently now.
-        CREATE TRIGGER IF NOT EXISTS awaiting_dependency_moved AFTER UPDATE OF stage ON tasks
-            WHEN OLD.stage IS NOT NEW.stage BEGIN
-            {dependents}
+        CREATE TRIGGER IF NOT EXISTS waits_marker_update AFTER UPDATE ON deploy_markers BEGIN
+            INSERT OR IGNORE INTO task_waits_stale (task_id)
+                SELECT t.id FROM tasks t
+                WHERE t.work_item_id = NEW.work_item_id AND t.repo = NEW.repo;
         END;
-        CREATE TRIGGER IF NOT EXISTS awaiting_job_insert AFTER INSERT ON jobs
-            WHEN NEW.task_id IS NOT NULL BEGIN
-            {job_new}
-        END;
-        CREATE TRIGGER IF NOT EXISTS awaiting_job_update AFTER UPDATE OF status ON jobs
-            WHEN NEW.task_id IS NOT NULL AND OLD.status IS NOT NEW.status BEGIN
-            {job_new}
-        END;
-        CREATE TRIGGER IF NOT EXISTS awaiting_job_delete AFTER DELETE ON jobs
-            WHEN OLD.task_id IS NOT NULL BEGIN
-            {job_old}
-        END;
-        CREATE TRIGGER IF NOT EXISTS awaiting_dep_insert AFTER INSERT ON task_deps BEGIN
-            {dep_new}
-        END;
-        CREATE TRIGGER IF NOT EXISTS awaiting_dep_delete AFTER DELETE ON task_deps BEGIN
-            {dep_old}
-        END;
-        CREATE TRIGGER IF NOT EXISTS awaiting_marker_insert AFTER INSERT ON deploy_markers BEGIN
-            {marker_new}
-        END;
-        CREATE TRIGGER IF NOT EXISTS awaiting_marker_update AFTER UPDATE ON deploy_markers BEGIN
-            {marker_new}
-        END;
-        CREATE TRIGGER IF NOT EXISTS awaiting_marker_delete AFTER DELETE ON deploy_markers BEGIN
-            {marker_old}
+        CREATE TRIGGER IF NOT EXISTS waits_marker_delete AFTER DELETE ON deploy_markers BEGIN
+            INSERT OR IGNORE INTO task_waits_stale (task_id)
+                SELECT t.id FROM tasks t
+                WHERE t.work_item_id = OLD.work_item_id AND t.repo = OLD.repo;
         END;
         ",
-        task_new = refresh("t.id = NEW.id"),
-        dependents = refresh("t.id IN (SELECT d.task_id FROM task_deps d WHERE d.depends_on = NEW.id)"),
-        job_new = refresh("t.id = NEW.task_id"),
-        job_old = refresh("t.id = OLD.task_id"),
-        dep_new = refresh("t.id = NEW.task_id"),
-        dep_old = refresh("t.id = OLD.task_id"),
-        marker_new = refresh("t.work_item_id = NEW.work_item_id AND t.repo = NEW.repo"),
-        marker_old = refresh("t.work_item_id = OLD.work_item_id AND t.repo = OLD.repo"),
+        job_new = mark("NEW.task_id"),
+        job_old = mark("OLD.task_id"),
+        task_new = mark("NEW.id"),
+        dep_new = mark("NEW.task_id"),
+        dep_old = mark("OLD.task_id"),
     ))
     .context("creating what tasks wait for (task_waits)")?;
     Ok(())

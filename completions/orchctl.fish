@@ -133,7 +133,7 @@ complete -c orchctl -n "__fish_orchctl_using_subcommand finalize-deploy" -l db -
 complete -c orchctl -n "__fish_orchctl_using_subcommand finalize-deploy" -l format -d 'Output format [default: text on a terminal, JSON otherwise]' -r -f -a "json\t''
 text\t''"
 complete -c orchctl -n "__fish_orchctl_using_subcommand finalize-deploy" -s h -l help -d 'Print help (see more with \'--help\')'
-complete -c orchctl -n "__fish_orchctl_using_subcommand queue" -l recent -d 'How many recent jobs and cancelled tasks to list (at most 1000)' -r
+complete -c orchctl -n "__fish_orchctl_using_subcommand queue" -l recent -d 'How many recent jobs, cancelled tasks and waiting tasks of each kind to list (at most 1000; blocked tasks and side effects: at least 20)' -r
 complete -c orchctl -n "__fish_orchctl_using_subcommand queue" -l db -d 'The SQLite database [default: $XDG_STATE_HOME/orchctl/orch.db]' -r -F
 complete -c orchctl -n "__fish_orchctl_using_subcommand queue" -l format -d 'Output format [default: text on a terminal, JSON otherwise]' -r -f -a "json\t''
 text\t''"

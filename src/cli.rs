@@ -395,7 +395,8 @@ pub struct FinalizeArgs {
 
 #[derive(Debug, Args)]
 pub struct QueueArgs {
-    /// How many recent jobs and cancelled tasks to list (at most 1000)
+    /// How many recent jobs, cancelled tasks and waiting tasks of each kind to list (at
+    /// most 1000; blocked tasks and side effects: at least 20)
     #[arg(
         long,
         value_name = "N",

@@ -100,8 +100,10 @@ pub fn snapshot(ctx: &Ctx, recent: i64) -> Value {
                     if !r.has_deps()? {
                         return Ok(json!({ "enabled": c.task_deps, "blocked": [] }));
                     }
+                    // As many as the side effects listed (at least 20): each carries the
+                    // dependencies it waits on, a read per task.
                     let blocked: Vec<Value> = r
-                        .blocked_tasks(100)?
+                        .blocked_tasks(recent.max(20))?
                         .into_iter()
                         .map(|(id, on)| json!({ "task_id": id, "waiting_on": on }))
                         .collect();

@@ -7,6 +7,7 @@ mod fault;
 mod hostile;
 mod lifecycle;
 mod plans;
+mod probe;
 mod queue;
 mod reliability;
 mod secrets;

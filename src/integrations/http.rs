@@ -1,7 +1,10 @@
 //! A small blocking HTTP layer over ureq: bounded time, statuses as values, bodies capped.
 //!
 //! Error texts name the method and the URL without its query or credentials: tokens travel
-//! in headers and are never part of a URL, so nothing here can leak one.
+//! in headers and are never part of a URL, so nothing here can leak one. Redirects are
+//! never followed: a 3xx comes back as an answer like any other status. Following one
+//! would send a token header to wherever the `Location` points, and would turn a DELETE or
+//! a POST into a GET whose 200 then passes for a deletion or a posted comment.
 
 use std::time::Duration;
 
@@ -33,6 +36,11 @@ pub struct Answer {
 }
 
 impl Answer {
+    /// A 3xx: the server wants the request sent elsewhere, which orchctl never does.
+    pub fn is_redirect(&self) -> bool {
+        (300..400).contains(&self.status)
+    }
+
     pub fn header(&self, name: &str) -> Option<&str> {
         self.headers
             .iter()
@@ -45,6 +53,7 @@ pub fn agent(timeout: Duration) -> ureq::Agent {
     ureq::Agent::config_builder()
         .timeout_global(Some(timeout))
         .http_status_as_error(false)
+        .max_redirects(0)
         .user_agent("orchctl")
         .build()
         .into()

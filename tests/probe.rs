@@ -26,7 +26,8 @@ fn with_gitea(env: &mut Env, server: &MockServer) {
 /// Gitea's `GET /repos/{owner}/{repo}`: the repo and its default branch.
 fn gitea_repo<'a>(server: &'a MockServer, repo: &str, default: &str) -> httpmock::Mock<'a> {
     let path = format!("/api/v1/repos/acme/{repo}");
-    let body = json!({ "name": repo, "full_name": format!("acme/{repo}"), "default_branch": default });
+    let body =
+        json!({ "name": repo, "full_name": format!("acme/{repo}"), "default_branch": default });
     server.mock(move |when, then| {
         when.method(GET).path(path);
         then.status(200).json_body(body);
@@ -86,7 +87,10 @@ fn a_redirected_plane_comment_is_retried_and_the_key_never_leaves_for_another_or
 
     let res = env.json(&["stop", &tid.to_string()]);
     let e = effect(&res, "plane_comment");
-    assert_eq!(e["status"], "pending", "a redirect is not a posted comment: {e}");
+    assert_eq!(
+        e["status"], "pending",
+        "a redirect is not a posted comment: {e}"
+    );
     redirect_post.assert_hits(1);
 
     let r = env.json(&["reconcile"]);
@@ -96,7 +100,9 @@ fn a_redirected_plane_comment_is_retried_and_the_key_never_leaves_for_another_or
     assert_eq!(env.task(other).stage, "development", "{r}");
     let errors = r["plane"]["errors"].as_array().unwrap();
     assert!(
-        errors.iter().any(|e| e["error"].as_str().unwrap().contains("302")),
+        errors
+            .iter()
+            .any(|e| e["error"].as_str().unwrap().contains("302")),
         "{r}"
     );
     assert!(!r.to_string().contains(TOKEN));
@@ -116,18 +122,21 @@ fn a_200_that_is_not_the_work_item_is_an_error_of_the_pass_never_a_cancel() {
     });
     // A proxy's error page as JSON, and a changed API that answers another issue.
     plane.mock(|when, then| {
-        when.method(GET).path(api(&format!("issues/{}/", issue_id(1))));
+        when.method(GET)
+            .path(api(&format!("issues/{}/", issue_id(1))));
         then.status(200)
             .json_body(json!({ "error": "upstream unavailable", "status": 503 }));
     });
     let mut foreign = fixture_json("issue_get_expand_state.json");
     foreign["id"] = json!(issue_id(99));
     plane.mock(move |when, then| {
-        when.method(GET).path(api(&format!("issues/{}/", issue_id(2))));
+        when.method(GET)
+            .path(api(&format!("issues/{}/", issue_id(2))));
         then.status(200).json_body(foreign);
     });
     plane.mock(|when, then| {
-        when.method(GET).path(api(&format!("issues/{}/", issue_id(3))));
+        when.method(GET)
+            .path(api(&format!("issues/{}/", issue_id(3))));
         then.status(200).body("<html>gateway</html>");
     });
     let mut env = Env::new();
@@ -175,11 +184,26 @@ fn a_recorded_pid_that_does_not_lead_its_group_is_signalled_alone() {
     let child: i64 = crate::fault::wait_until(Duration::from_secs(5), || {
         std::fs::read_to_string(&dir).is_ok_and(|s| s.trim().parse::<i64>().is_ok())
     })
-    .then(|| std::fs::read_to_string(&dir).unwrap().trim().parse().unwrap())
+    .then(|| {
+        std::fs::read_to_string(&dir)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    })
     .expect("the child's pid");
     let start = orchctl::integrations::process::stat(child).unwrap().start;
     assert_ne!(child, group.pid);
-    env.make_job_full(tid, "developer", "running", Some(child), Some(start), Some(3), 1, 2);
+    env.make_job_full(
+        tid,
+        "developer",
+        "running",
+        Some(child),
+        Some(start),
+        Some(3),
+        1,
+        2,
+    );
 
     let res = env.json(&["stop", &tid.to_string()]);
 
@@ -192,7 +216,134 @@ fn a_recorded_pid_that_does_not_lead_its_group_is_signalled_alone() {
         alive(group.pid as i32),
         "the group's leader (not the recorded agent) was signalled"
     );
-    assert!(group.group().len() >= 2, "the rest of the group was signalled");
+    assert!(
+        group.group().len() >= 2,
+        "the rest of the group was signalled"
+    );
+}
+
+// ---------------------------------------------- 10: credentials inside configured URLs
+
+#[test]
+fn children_get_configured_urls_without_their_credentials() {
+    let mut env = Env::new();
+    let repo = GitRepo::new(&env, "orchestrator");
+    repo.feature(&env, "feature/ORCH-1-x");
+    let dumps = env.path().join("dumps");
+    std::fs::create_dir_all(&dumps).unwrap();
+    // A git in front of the real one that writes down the environment it was given.
+    let bin = env.path().join("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    let real_git = String::from_utf8(
+        Command::new("sh")
+            .args(["-c", "command -v git"])
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .unwrap();
+    crate::fault::script(
+        &bin.join("git"),
+        &format!(
+            "#!/bin/sh\nenv >> '{}/git.env'\nexec {} \"$@\"\n",
+            dumps.display(),
+            real_git.trim()
+        ),
+    );
+    let hook = crate::fault::script(
+        &env.path().join("notify.sh"),
+        &format!(
+            "#!/bin/sh\nenv >> '{}/notify.env'\ncat > /dev/null\n",
+            dumps.display()
+        ),
+    );
+    let path = format!("{}:{}", bin.display(), env.var("PATH").unwrap());
+    env.set("PATH", &path)
+        .set("ORCH_GITEA_URL", "http://bot:url-cred-gitea@127.0.0.1:9")
+        .set("ORCH_GITEA_OWNER", "acme")
+        .set("ORCH_PLANE_URL", "http://me:url-cred-plane@127.0.0.1:9/")
+        .set("ORCH_PLANE_WORKSPACE", "acme")
+        .set("ORCH_NOTIFY_CMD", hook.to_str().unwrap());
+    env.json(&[
+        "task",
+        "add",
+        "--repo",
+        "orchestrator",
+        "--work-item",
+        "ORCH-1",
+        "--branch",
+        "feature/ORCH-1-x",
+        "--stage",
+        "development",
+    ]);
+    let agent_env = dumps.join("agent.env");
+    let script = format!("env > '{}'", agent_env.display());
+    let claimed = env.json(&["claim", "--exec", "--", "sh", "-c", &script]);
+    let _guard = crate::common::GroupGuard(claimed["pid"].as_i64().unwrap());
+    assert!(crate::fault::wait_until(Duration::from_secs(5), || {
+        agent_env.exists()
+    }));
+    std::thread::sleep(Duration::from_millis(50));
+    env.json(&["stop", "ORCH-1"]);
+
+    for name in ["agent.env", "git.env", "notify.env"] {
+        let text = std::fs::read_to_string(dumps.join(name))
+            .unwrap_or_else(|e| panic!("{name} was not written: {e}"));
+        for cred in ["url-cred-gitea", "url-cred-plane", "bot:", "me:"] {
+            assert!(!text.contains(cred), "{name} holds {cred}:\n{text}");
+        }
+        assert!(
+            text.contains("ORCH_GITEA_URL=http://127.0.0.1:9"),
+            "{name}:\n{text}"
+        );
+    }
+}
+
+// ------------------------------------------------------------ 11: symlinked job logs
+
+#[test]
+fn a_job_log_is_never_opened_through_a_link_nor_in_a_folder_others_can_write() {
+    use std::os::unix::fs::PermissionsExt;
+    let env = Env::new();
+    env.json(&[
+        "task",
+        "add",
+        "--repo",
+        "orchestrator",
+        "--work-item",
+        "ORCH-1",
+        "--stage",
+        "development",
+    ]);
+    let victim = env.path().join("victim.txt");
+    std::fs::write(&victim, "precious\n").unwrap();
+    std::fs::create_dir_all(&env.logs).unwrap();
+    // Run ids are predictable: the first claim is job 1, run 1.
+    std::os::unix::fs::symlink(&victim, env.logs.join("job-1-run-1.log")).unwrap();
+
+    let (code, out, err) = env.run(&[
+        "claim",
+        "--exec",
+        "--",
+        "sh",
+        "-c",
+        "echo written-by-the-agent",
+    ]);
+
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(err.contains("symbolic link"), "{err}");
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious\n");
+    // The attempt was given back: the job waits in the queue.
+    assert_eq!(env.job_status(1), "queued");
+
+    // A log folder anyone can write is refused before any file is opened in it.
+    std::fs::remove_file(env.logs.join("job-1-run-1.log")).unwrap();
+    std::fs::set_permissions(&env.logs, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let (code, _, err) = env.run(&["claim", "--exec", "--", "sh", "-c", "echo hi"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("others can write"), "{err}");
+    assert_eq!(std::fs::read_dir(&env.logs).unwrap().count(), 0);
 }
 
 #[allow(dead_code)]

@@ -129,13 +129,15 @@ pub fn send(
 /// may have put credentials into `ORCH_GITEA_URL` or `ORCH_PLANE_URL`).
 fn redact(url: &str) -> String {
     let url = url.split('?').next().unwrap_or(url);
-    if let Some((scheme, rest)) = url.split_once("://") {
-        let authority_end = rest.find('/').unwrap_or(rest.len());
-        if let Some(at) = rest[..authority_end].rfind('@') {
-            return format!("{scheme}://{}", &rest[at + 1..]);
-        }
-    }
-    url.to_string()
+    without_userinfo(url).unwrap_or_else(|| url.to_string())
+}
+
+/// `url` without the `user:password@` of its authority; `None` when it has none.
+pub fn without_userinfo(url: &str) -> Option<String> {
+    let (scheme, rest) = url.split_once("://")?;
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let at = rest[..authority_end].rfind('@')?;
+    Some(format!("{scheme}://{}", &rest[at + 1..]))
 }
 
 #[cfg(test)]
@@ -157,5 +159,11 @@ mod tests {
         );
         assert_eq!(redact("http://h:3000/a@b"), "http://h:3000/a@b");
         assert_eq!(redact("http://h/p"), "http://h/p");
+        assert_eq!(
+            without_userinfo("postgres://u:p@db:5432/orch?sslmode=require").as_deref(),
+            Some("postgres://db:5432/orch?sslmode=require")
+        );
+        assert_eq!(without_userinfo("http://h/a@b"), None);
+        assert_eq!(without_userinfo("not a url"), None);
     }
 }

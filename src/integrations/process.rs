@@ -375,20 +375,10 @@ pub fn spawn_detached(argv: &[String], env: &[(String, String)], log: &Path) -> 
     let (program, args) = argv
         .split_first()
         .context("--exec needs a command after `--`")?;
-    if let Some(dir) = log.parent() {
-        std::fs::create_dir_all(dir)
-            .with_context(|| format!("creating the log folder {}", dir.display()))?;
-    }
-    let out = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(log)
-        .with_context(|| format!("opening the log {}", log.display()))?;
+    let out = append_file(log)?;
     let err = out.try_clone()?;
     let mut cmd = Command::new(program);
-    for var in SECRET_VARS {
-        cmd.env_remove(var);
-    }
+    scrub_child_env(&mut cmd);
     cmd.args(args)
         .envs(env.iter().map(|(k, v)| (k, v)))
         .stdin(Stdio::null())
@@ -436,9 +426,7 @@ pub fn run_limited(
     limit: Duration,
 ) -> Result<ChildOutput> {
     let mut cmd = Command::new(program);
-    for var in SECRET_VARS {
-        cmd.env_remove(var);
-    }
+    scrub_child_env(&mut cmd);
     cmd.args(args)
         .envs(env)
         .stdin(if stdin.is_some() {
@@ -523,15 +511,71 @@ pub fn run_limited(
     })
 }
 
-/// Opens a file for appending, creating its folder (job logs).
+/// Opens a job log for appending, creating its folder. Log names are predictable
+/// (`job-<id>-run-<run>.log`), so whoever can write the folder could plant a link there and
+/// have orchctl's user append to any file it can write: a folder others can write is
+/// refused, a symbolic link is never followed (`O_NOFOLLOW`), and only a regular file
+/// owned by this user is written (a FIFO is not waited on: `O_NONBLOCK`).
 pub fn append_file(path: &Path) -> Result<File> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("creating the log folder {}", dir.display()))?;
+        let meta = std::fs::metadata(dir)
+            .with_context(|| format!("reading the log folder {}", dir.display()))?;
+        if meta.permissions().mode() & 0o002 != 0 {
+            anyhow::bail!(
+                "refusing the log folder {}: others can write to it (chmod o-w it, or set ORCH_LOG_DIR)",
+                dir.display()
+            );
+        }
     }
-    Ok(std::fs::OpenOptions::new()
+    let flags = nix::fcntl::OFlag::O_NOFOLLOW | nix::fcntl::OFlag::O_NONBLOCK;
+    let file = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
-        .open(path)?)
+        .custom_flags(flags.bits())
+        .open(path)
+        .with_context(|| {
+            format!(
+                "opening the log {} (a symbolic link is never followed)",
+                path.display()
+            )
+        })?;
+    let meta = file.metadata()?;
+    let me = nix::unistd::geteuid().as_raw();
+    if !meta.file_type().is_file() || meta.uid() != me {
+        anyhow::bail!(
+            "refusing the log {}: not a regular file owned by uid {me}",
+            path.display()
+        );
+    }
+    Ok(file)
+}
+
+/// What a child orchctl starts (an agent, git, the notify hook) must never inherit:
+/// orchctl's secret variables, and credentials written into any `ORCH_*` URL
+/// (`https://bot:token@gitea…`). Such a URL is passed on without its `user:password@`; a
+/// value that is not UTF-8 cannot be inspected and is not passed on at all.
+fn scrub_child_env(cmd: &mut Command) {
+    for var in SECRET_VARS {
+        cmd.env_remove(var);
+    }
+    for (name, value) in std::env::vars_os() {
+        if !name.as_encoded_bytes().starts_with(b"ORCH_") {
+            continue;
+        }
+        match value.to_str() {
+            Some(v) => {
+                if let Some(clean) = super::http::without_userinfo(v) {
+                    cmd.env(&name, clean);
+                }
+            }
+            None => {
+                cmd.env_remove(&name);
+            }
+        }
+    }
 }
 
 #[cfg(test)]

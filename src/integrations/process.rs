@@ -553,12 +553,26 @@ pub fn append_file(path: &Path) -> Result<File> {
     Ok(file)
 }
 
+/// Variables that point git at a repository: orchctl run from a git hook (or by an agent in
+/// its worktree) inherits them, and its children — git in a clone, an agent in its own
+/// worktree — must find their repository themselves, never the caller's.
+const GIT_LOCATION_VARS: [&str; 8] = [
+    "GIT_DIR",
+    "GIT_WORK_TREE",
+    "GIT_COMMON_DIR",
+    "GIT_INDEX_FILE",
+    "GIT_OBJECT_DIRECTORY",
+    "GIT_ALTERNATE_OBJECT_DIRECTORIES",
+    "GIT_NAMESPACE",
+    "GIT_CEILING_DIRECTORIES",
+];
+
 /// What a child orchctl starts (an agent, git, the notify hook) must never inherit:
 /// orchctl's secret variables, and credentials written into any `ORCH_*` URL
 /// (`https://bot:token@gitea…`). Such a URL is passed on without its `user:password@`; a
 /// value that is not UTF-8 cannot be inspected and is not passed on at all.
 fn scrub_child_env(cmd: &mut Command) {
-    for var in SECRET_VARS {
+    for var in SECRET_VARS.iter().chain(GIT_LOCATION_VARS.iter()) {
         cmd.env_remove(var);
     }
     for (name, value) in std::env::vars_os() {

@@ -8,6 +8,7 @@
 //! overwrite a newer truth. Timestamps and ids are produced here, never by callers.
 
 mod branches;
+mod fallback;
 mod reap;
 pub mod schema;
 

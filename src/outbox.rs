@@ -396,11 +396,14 @@ fn log_end(
     w.event(row.task_id, &row.kind, &detail)
 }
 
-/// The longest an effect may take before its claim may be taken over by another process.
+/// The longest an effect may take before its claim may be taken over by another process:
+/// an agent's grace and SIGKILL wait, a worktree removal's git calls (opening the clone,
+/// its default branch, list, remove, prune, show-ref, branch -D), and a branch deletion's
+/// three Gitea requests.
 fn lease_secs(c: &Config) -> i64 {
     (c.stop_grace.as_secs_f64()
         + 5.0
-        + 4.0 * c.git_timeout.as_secs_f64()
+        + 8.0 * c.git_timeout.as_secs_f64()
         + 3.0 * c.http_timeout.as_secs_f64())
     .ceil() as i64
         + 30

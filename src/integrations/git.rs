@@ -102,9 +102,13 @@ impl GitClone {
                 top.display()
             )));
         }
+        // Canonical, so lock paths compare equal to what /proc shows of open files.
+        let git_dir = Path::new(git_dir)
+            .canonicalize()
+            .unwrap_or_else(|_| git_dir.into());
         Ok(Some(GitClone {
             dir: canonical,
-            git_dir: PathBuf::from(git_dir),
+            git_dir,
             limit,
         }))
     }
@@ -436,6 +440,28 @@ pub struct WorktreeRemoval {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_recorded_commit_prefers_the_remote_tracking_ref_loose_or_packed() {
+        let dir = tempfile::tempdir().unwrap();
+        let git = dir.path().join(".git");
+        std::fs::create_dir_all(git.join("refs/heads/feature")).unwrap();
+        std::fs::write(git.join("HEAD"), "ref: refs/heads/main\n").unwrap();
+        let (a, b) = ("a".repeat(40), "b".repeat(40));
+        std::fs::write(git.join("refs/heads/feature/x"), format!("{a}\n")).unwrap();
+        assert_eq!(recorded_commit(dir.path(), "feature/x"), Some(a.clone()));
+        std::fs::write(
+            git.join("packed-refs"),
+            format!("# pack-refs with: peeled fully-peeled sorted\n{b} refs/remotes/origin/feature/x\n^{a}\n"),
+        )
+        .unwrap();
+        assert_eq!(recorded_commit(dir.path(), "feature/x"), Some(b));
+        assert_eq!(recorded_commit(dir.path(), "feature/none"), None);
+        // Names git would refuse are never joined into a path.
+        assert_eq!(recorded_commit(dir.path(), "../../etc/x"), None);
+        std::fs::write(git.join("refs/heads/feature/y"), "not a sha\n").unwrap();
+        assert_eq!(recorded_commit(dir.path(), "feature/y"), None);
+    }
 
     #[test]
     fn porcelain_blocks_parse_and_the_first_is_main() {

@@ -162,6 +162,23 @@ pub enum Command {
     /// The body is read raw (at most 1 MiB); with ORCH_PLANE_WEBHOOK_SECRET set the
     /// signature is required and checked (exit 77). See docs/plane-webhook.md.
     Event(EventArgs),
+
+    /// Prometheus metrics: jobs, tasks, side effects, leases, waits, queue age, agents
+    ///
+    /// Prints the text exposition format (0.0.4) whatever --format says: orchctl_jobs,
+    /// orchctl_tasks, orchctl_outbox_effects, orchctl_merge_leases_held,
+    /// orchctl_awaiting_tasks, orchctl_oldest_queued_job_age_seconds and
+    /// orchctl_agents_running, all gauges. With --textfile DIR it writes DIR/orchctl.prom
+    /// atomically for node_exporter's textfile collector and prints nothing.
+    Metrics(MetricsArgs),
+
+    /// Housekeeping: delete old delivery hashes, done side effects and agent logs (daily)
+    ///
+    /// Deletes the hashes of Plane deliveries handled more than 7 days ago, the done
+    /// side effects of tasks finished or cancelled more than DAYS ago, and the agent logs
+    /// ($ORCH_LOG_DIR/job-<id>-run-<run>.log) of runs that ended more than DAYS ago.
+    /// Never deletes a task, a job or an audit row. Prints the counts.
+    Prune(PruneArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -349,6 +366,29 @@ pub struct EventArgs {
     /// The X-Plane-Signature header (hex HMAC-SHA256 of the body)
     #[arg(long, value_name = "HEX", env = "ORCH_PLANE_SIGNATURE")]
     pub signature: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct MetricsArgs {
+    /// Write DIR/orchctl.prom (temporary file + rename) instead of printing
+    #[arg(long, value_name = "DIR", env = "ORCH_METRICS_TEXTFILE")]
+    pub textfile: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct PruneArgs {
+    /// Keep side effects and logs of the last DAYS days
+    #[arg(
+        long,
+        value_name = "DAYS",
+        default_value_t = 90,
+        env = "ORCH_PRUNE_OLDER_THAN",
+        value_parser = clap::value_parser!(u32).range(0..=36_500)
+    )]
+    pub older_than: u32,
+    /// Count what would be deleted, delete nothing
+    #[arg(long, env = "ORCH_PRUNE_DRY_RUN", value_parser = FalseyValueParser::new())]
+    pub dry_run: bool,
 }
 
 /// The clap command, for parsing, man pages, completions and the CLI self-check.

@@ -36,6 +36,7 @@ impl Store {
             conn,
             path: path.to_path_buf(),
             opened_version: 0,
+            created: false,
             busy_timeout: Duration::ZERO,
         };
         let version = store.user_version()?;
@@ -51,6 +52,7 @@ impl Store {
             conn: Connection::open_in_memory().context("opening an empty database")?,
             path: ":memory:".into(),
             opened_version: 0,
+            created: false,
             busy_timeout: Duration::ZERO,
         };
         store.migrate()?;

@@ -9,6 +9,7 @@ mod lifecycle;
 mod operator;
 mod ops;
 mod plans;
+mod probe;
 mod queue;
 mod reliability;
 mod secrets;

@@ -5,7 +5,7 @@
 //! (`tasks_live` holds every live task; `tasks_cancel_pending` only those with a deferred
 //! STOP). tests/plans.rs checks each plan.
 //!
-//! What a task waits for (SPEC §14) is kept in `task_waits` (migration 5): the lists read
+//! What a task waits for (SPEC §14) is kept in `task_waits` (migration 6): the lists read
 //! its `task_waits_kind` index, the counts read `awaiting_counts`, and both cost the same
 //! however many tasks are live. Triggers mark the tasks whose rows changed
 //! (`task_waits_stale`); [`Writer::settle_waits`], run by every write transaction before

@@ -7,9 +7,12 @@
 //! updates (`… WHERE status = 'running' AND run_id = ?`) so a late writer can never
 //! overwrite a newer truth. Timestamps and ids are produced here, never by callers.
 
+mod branches;
+mod fallback;
 mod live;
 mod metrics;
 mod prune;
+mod reap;
 pub mod schema;
 mod vocab;
 

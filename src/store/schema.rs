@@ -17,7 +17,8 @@ pub const MIGRATIONS: &[Migration] = &[
     m2_job_counts,
     m3_live_tasks,
     m4_task_counts,
-    m5_awaiting,
+    m5_live_branches,
+    m6_awaiting,
 ];
 
 /// The schema version this binary writes.
@@ -281,6 +282,17 @@ fn m4_task_counts(conn: &Connection) -> Result<()> {
     Ok(())
 }
 
+/// The branches of live tasks, so that a side effect about to touch a branch (a worktree
+/// removal, a remote deletion) can ask in one index probe whether a live task owns it now.
+fn m5_live_branches(conn: &Connection) -> Result<()> {
+    conn.execute_batch(
+        "CREATE INDEX IF NOT EXISTS tasks_live_branch ON tasks(repo, branch)
+             WHERE stage NOT IN ('done', 'cancelled');",
+    )
+    .context("creating the index of live tasks' branches")?;
+    Ok(())
+}
+
 /// What a task waits for (SPEC §14), kept in a table of its own: `task_waits` holds one
 /// row per waiting task (its kind, since when, and the fields `queue` lists) with an
 /// index by kind and age, and `awaiting_counts` the per-kind counts, so `queue`'s
@@ -296,7 +308,7 @@ fn m4_task_counts(conn: &Connection) -> Result<()> {
 /// tasks before it commits; reads treat a task still marked (written by another tool
 /// since) as its rows say. A claim or a requeue (one active status to the other) changes
 /// nothing a task waits for and marks nothing.
-fn m5_awaiting(conn: &Connection) -> Result<()> {
+fn m6_awaiting(conn: &Connection) -> Result<()> {
     // Only a live task can start or stop waiting: a finished task's row went when it
     // finished (its stage change marked it), so the history a bulk load writes marks
     // nothing.

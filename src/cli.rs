@@ -1,13 +1,19 @@
 //! The command line (SPEC §11): clap types only. They also feed the man pages and the
 //! shell completions (`cargo run --example generate-docs`), so every help text here is user
-//! documentation. Parsing goes through [`parse`] / [`command`], which add what every
-//! command shares (exit codes under the help, environment values never shown).
+//! documentation. Parsing goes through [`try_parse`] / [`command`], which add what every
+//! command shares (exit codes under the help, environment values never shown, strict
+//! switch variables). Names the command line takes (agents, stages) are checked here, by
+//! the value parsers [`agent_name`], [`stage_name`] and [`live_stage_name`], so a typo is
+//! a usage error listing the valid names and the shell completions offer them.
 
-use std::ffi::OsString;
+use std::ffi::{OsStr, OsString};
 use std::path::PathBuf;
 
-use clap::builder::FalseyValueParser;
-use clap::{ArgGroup, Args, FromArgMatches, Parser, Subcommand, ValueEnum};
+use clap::builder::{PossibleValuesParser, TypedValueParser};
+use clap::{ArgAction, ArgGroup, Args, FromArgMatches, Parser, Subcommand, ValueEnum};
+
+use crate::config::{self, Environment};
+use crate::pipeline;
 
 /// The exit codes of SPEC §9, as `(code, meaning)`: shown by `--help` and the man pages
 /// (a test keeps README's table equal to this list).
@@ -206,8 +212,14 @@ pub struct TaskAddArgs {
     /// Title
     #[arg(long, env = "ORCH_TASK_TITLE")]
     pub title: Option<String>,
-    /// Stage to start in: analysis, development, review or deploy
-    #[arg(long, default_value = "analysis", env = "ORCH_TASK_STAGE")]
+    /// Stage to start in
+    #[arg(
+        long,
+        value_name = "S",
+        default_value = "analysis",
+        env = "ORCH_TASK_STAGE",
+        value_parser = live_stage_name()
+    )]
     pub stage: String,
     /// A task whose completion this one waits for (repeatable)
     #[arg(
@@ -222,7 +234,7 @@ pub struct TaskAddArgs {
 #[derive(Debug, Args)]
 pub struct TaskListArgs {
     /// Only tasks in this stage
-    #[arg(long, env = "ORCH_LIST_STAGE")]
+    #[arg(long, value_name = "S", env = "ORCH_LIST_STAGE", value_parser = stage_name())]
     pub stage: Option<String>,
     /// Only tasks of this repo
     #[arg(long, env = "ORCH_LIST_REPO")]
@@ -232,9 +244,13 @@ pub struct TaskListArgs {
     pub limit: i64,
 }
 
-// Switches take their variable too (SPEC §9: every flag has one), read with clap's "falsey"
-// rule: 0, false, off, no, n, f or empty leave the switch off, anything else turns it on.
-// They act on one invocation: never put them in a shared environment file.
+// Switches take their variable too (SPEC §9: every flag has one), read strictly like every
+// boolean (config::parse_bool): 1/0, true/false, on/off, yes/no in any case, empty = off,
+// anything else is exit 78 before anything is touched — a typo of "off" must never force a
+// STOP through a deploy window. [`command`] gives every switch with a variable that reading
+// (so a new switch needs nothing more than `env = "ORCH_..."`), and [`environment`] checks
+// every switch variable before the command line is parsed. They act on one invocation:
+// never put them in a shared environment file.
 //
 // Three switches have none, on purpose: --success/--failure are one required choice and
 // --exec needs the command after `--`. clap counts a variable set to "0" as the switch
@@ -250,7 +266,7 @@ pub struct StopArgs {
     #[arg(long, value_name = "TEXT", env = "ORCH_STOP_REASON")]
     pub reason: Option<String>,
     /// Skip the critical-window check: reset even during a deploy
-    #[arg(long, env = "ORCH_STOP_FORCE", value_parser = FalseyValueParser::new())]
+    #[arg(long, env = "ORCH_STOP_FORCE")]
     pub force: bool,
 }
 
@@ -261,7 +277,8 @@ pub struct ClaimArgs {
         long = "agent",
         value_name = "A",
         env = "ORCH_CLAIM_AGENTS",
-        value_delimiter = ','
+        value_delimiter = ',',
+        value_parser = agent_name()
     )]
     pub agents: Vec<String>,
     /// Only jobs of this repo
@@ -303,10 +320,10 @@ pub struct CompleteArgs {
 #[derive(Debug, Args)]
 pub struct ReapArgs {
     /// Report what would change, change nothing
-    #[arg(long, env = "ORCH_REAP_DRY_RUN", value_parser = FalseyValueParser::new())]
+    #[arg(long, env = "ORCH_REAP_DRY_RUN")]
     pub dry_run: bool,
     /// Boot-time recovery: every running job is dead (run once at boot, before agents)
-    #[arg(long, env = "ORCH_REAP_RECOVER", value_parser = FalseyValueParser::new())]
+    #[arg(long, env = "ORCH_REAP_RECOVER")]
     pub recover: bool,
 }
 
@@ -351,14 +368,106 @@ pub struct EventArgs {
     pub signature: Option<String>,
 }
 
+/// The agent names (`analyst`, `developer`, `reviewer`, `deployer`), in pipeline order.
+pub fn agent_names() -> Vec<&'static str> {
+    pipeline::LIVE_STAGES
+        .iter()
+        .filter_map(|s| pipeline::agent_for_stage(s))
+        .collect()
+}
+
+/// The value parser of an `--agent` argument: one of [`agent_names`] (exit 2 otherwise,
+/// listing them; completions offer them). `value_parser = agent_name()` on the argument.
+pub fn agent_name() -> PossibleValuesParser {
+    PossibleValuesParser::new(agent_names())
+}
+
+/// The value parser of a stage filter: any of the six stages.
+pub fn stage_name() -> PossibleValuesParser {
+    PossibleValuesParser::new(pipeline::STAGES)
+}
+
+/// The value parser of a stage a task can be put in: the four live ones.
+pub fn live_stage_name() -> PossibleValuesParser {
+    PossibleValuesParser::new(pipeline::LIVE_STAGES)
+}
+
+/// Whether `a` is a switch bound to a variable (its value read by [`Switch`]).
+fn is_switch_variable(a: &clap::Arg) -> bool {
+    matches!(a.get_action(), ArgAction::SetTrue) && a.get_env().is_some()
+}
+
+/// The strict reading of a switch variable. A switch on the command line arrives as
+/// `true`, an absent one as `false`; anything else came from its variable.
+#[derive(Clone, Copy, Debug)]
+pub struct Switch;
+
+impl TypedValueParser for Switch {
+    type Value = bool;
+
+    fn parse_ref(
+        &self,
+        cmd: &clap::Command,
+        arg: Option<&clap::Arg>,
+        value: &OsStr,
+    ) -> Result<bool, clap::Error> {
+        let name = arg
+            .and_then(clap::Arg::get_env)
+            .map(|e| e.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "the switch".into());
+        let invalid = |message: String| {
+            clap::Error::raw(clap::error::ErrorKind::ValueValidation, format!("{message}\n"))
+                .with_cmd(cmd)
+        };
+        let text = value
+            .to_str()
+            .ok_or_else(|| invalid(format!("{name} is not valid UTF-8")))?;
+        if config::is_blank(text) {
+            return Ok(false);
+        }
+        config::parse_bool(&name, text).map_err(|e| invalid(e.to_string()))
+    }
+}
+
+/// Captures the environment (see [`Environment`]: an undecodable `ORCH_*` value is exit
+/// 78) and checks every switch variable of every command with the strict boolean reading,
+/// so a bad one is exit 78 naming it — before the command line is parsed and before any
+/// file is opened. Call it first; [`try_parse`] then reads the same, valid values.
+pub fn environment() -> anyhow::Result<Environment> {
+    let env = Environment::capture()?;
+    check_switch_variables(&env)?;
+    Ok(env)
+}
+
+/// Exit 78 for the first switch variable in `env` that is not a boolean.
+pub fn check_switch_variables(env: &Environment) -> anyhow::Result<()> {
+    fn walk(cmd: &clap::Command, env: &Environment) -> anyhow::Result<()> {
+        for a in cmd.get_arguments().filter(|a| is_switch_variable(a)) {
+            if let Some(name) = a.get_env().and_then(OsStr::to_str) {
+                env.boolean(name, false)?;
+            }
+        }
+        cmd.get_subcommands().try_for_each(|s| walk(s, env))
+    }
+    walk(&command(), env)
+}
+
 /// The clap command, for parsing, man pages, completions and the CLI self-check.
 ///
-/// On top of the derive: every subcommand shows the exit codes under its help, and no
-/// help shows the current value of an environment variable (help, man pages and
-/// completions must not depend on who runs them, and a value can be sensitive).
+/// On top of the derive: every subcommand shows the exit codes under its help, no help
+/// shows the current value of an environment variable (help, man pages and completions
+/// must not depend on who runs them, and a value can be sensitive), and every switch with
+/// a variable reads it strictly ([`Switch`]).
 pub fn command() -> clap::Command {
     fn finish(cmd: clap::Command, top: bool) -> clap::Command {
-        let mut cmd = cmd.mut_args(|a| a.hide_env_values(true));
+        let mut cmd = cmd.mut_args(|a| {
+            let a = a.hide_env_values(true);
+            if is_switch_variable(&a) {
+                a.value_parser(Switch)
+            } else {
+                a
+            }
+        });
         if !top {
             cmd = cmd.after_help(SUB_AFTER_HELP);
         }

@@ -9,7 +9,7 @@ use serde::Serialize;
 use serde_json::{json, Value};
 
 use orchctl::cli::{Cli, Command, DeployOutcomeArg, Format, TaskCommand};
-use orchctl::config::scrub_env;
+use orchctl::config::{scrub_env, Environment};
 use orchctl::error::{self, ExitKind};
 use orchctl::{claim, deploy, event, jobs, queue, reconcile, render, stop, tasks, Config, Ctx};
 
@@ -100,7 +100,35 @@ fn usage_error(e: &clap::Error) -> (String, Option<String>) {
     (message, Some(hints.join("; ")))
 }
 
+/// Prints `err` as SPEC §9's one line (+ hint) and returns its exit code.
+fn fail(err: &anyhow::Error) -> ExitCode {
+    // Messages are built from names and ids, never tokens; scrubbing is the backstop for
+    // text that came from outside (git's stderr, a server's answer).
+    eprintln!("orchctl: {}", scrub_env(&format!("{err:#}")));
+    if let Some(h) = error::hint(err) {
+        eprintln!("orchctl: hint: {}", scrub_env(&h));
+    }
+    ExitCode::from(error::exit_kind(err).code())
+}
+
+/// The width text output must fit: `COLUMNS` when set, else the terminal's (stdout's, or
+/// stderr's when stdout is piped into a pager); `None` when there is no terminal.
+fn text_width(env: &Environment) -> Option<usize> {
+    env.columns().or_else(|| {
+        terminal_size::terminal_size_of(std::io::stdout())
+            .or_else(|| terminal_size::terminal_size_of(std::io::stderr()))
+            .map(|(w, _)| w.0 as usize)
+            .filter(|&w| w > 0)
+    })
+}
+
 fn main() -> ExitCode {
+    // Every ORCH_* variable is read (and an undecodable value or a bad switch refused)
+    // before the command line is parsed, so clap only ever sees values that passed.
+    let environment = match orchctl::cli::environment() {
+        Ok(env) => env,
+        Err(err) => return fail(&err),
+    };
     let cli = match orchctl::cli::try_parse() {
         Ok(c) => c,
         Err(e) => {
@@ -129,23 +157,15 @@ fn main() -> ExitCode {
     } else {
         Format::Json
     });
-    match run(cli) {
-        Ok(Some(output)) => emit(output, format),
+    let width = text_width(&environment);
+    match run(cli, &environment) {
+        Ok(Some(output)) => emit(output, format, width),
         Ok(None) => ExitCode::from(ExitKind::NothingToClaim.code()),
-        Err(err) => {
-            let kind = error::exit_kind(&err);
-            // Messages are built from names and ids, never tokens; scrubbing is the backstop
-            // for text that came from outside (git's stderr, a server's answer).
-            eprintln!("orchctl: {}", scrub_env(&format!("{err:#}")));
-            if let Some(h) = error::hint(&err) {
-                eprintln!("orchctl: hint: {}", scrub_env(&h));
-            }
-            ExitCode::from(kind.code())
-        }
+        Err(err) => fail(&err),
     }
 }
 
-fn emit(output: Output, format: Format) -> ExitCode {
+fn emit(output: Output, format: Format, width: Option<usize>) -> ExitCode {
     if let Some(w) = &output.warning {
         eprintln!("orchctl: warning: {}", scrub_env(w));
     }
@@ -153,10 +173,10 @@ fn emit(output: Output, format: Format) -> ExitCode {
         Format::Json => format!("{}\n", output.json),
         // Titles and reasons come from Plane and operators: a terminal must not receive
         // their escape sequences (JSON escapes them by itself).
-        Format::Text => render::printable(&match output.text {
+        Format::Text => render::printable(&render::layout(width, || match output.text {
             Some(f) => f(&output.json),
             None => render::generic(&output.json),
-        }),
+        })),
     };
     let mut stdout = std::io::stdout().lock();
     match stdout
@@ -174,8 +194,8 @@ fn emit(output: Output, format: Format) -> ExitCode {
 }
 
 /// `Ok(None)` means "nothing to claim" (exit 3).
-fn run(cli: Cli) -> Result<Option<Output>> {
-    let config = Config::from_env()?;
+fn run(cli: Cli, environment: &Environment) -> Result<Option<Output>> {
+    let config = Config::from_environment(environment)?;
     let db = cli.db.unwrap_or_else(orchctl::default_db_path);
     let ctx = Ctx::open(&db, config)?;
     let output = match cli.command {

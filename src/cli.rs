@@ -416,8 +416,11 @@ impl TypedValueParser for Switch {
             .map(|e| e.to_string_lossy().into_owned())
             .unwrap_or_else(|| "the switch".into());
         let invalid = |message: String| {
-            clap::Error::raw(clap::error::ErrorKind::ValueValidation, format!("{message}\n"))
-                .with_cmd(cmd)
+            clap::Error::raw(
+                clap::error::ErrorKind::ValueValidation,
+                format!("{message}\n"),
+            )
+            .with_cmd(cmd)
         };
         let text = value
             .to_str()

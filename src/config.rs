@@ -151,7 +151,10 @@ pub struct Config {
 
 /// The default state folder: `$XDG_STATE_HOME/orchctl` or `~/.local/state/orchctl`.
 pub fn state_dir(get: &dyn Fn(&str) -> Option<String>) -> PathBuf {
-    state_dir_from(get("XDG_STATE_HOME").map(OsString::from), get("HOME").map(OsString::from))
+    state_dir_from(
+        get("XDG_STATE_HOME").map(OsString::from),
+        get("HOME").map(OsString::from),
+    )
 }
 
 /// [`state_dir`] from the process environment. `HOME` and `XDG_STATE_HOME` are paths, read
@@ -191,7 +194,9 @@ pub fn parse_bool(name: &str, value: &str) -> Result<bool> {
 
 /// Whether `value` counts as unset: empty or only blanks.
 pub fn is_blank(value: &str) -> bool {
-    value.trim_matches(|c: char| c.is_ascii_whitespace()).is_empty()
+    value
+        .trim_matches(|c: char| c.is_ascii_whitespace())
+        .is_empty()
 }
 
 /// The process environment as orchctl reads it, captured once: every `ORCH_*` variable,

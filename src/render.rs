@@ -993,9 +993,8 @@ pub fn queue(v: &Value) -> String {
         out.push_str(&indented(2, body));
     };
     if !leases.is_empty() {
-        section(
-            "merge leases:",
-            &|| table_with(
+        section("merge leases:", &|| {
+            table_with(
                 &[
                     ("REPO", "repo"),
                     ("TASK", "task_id"),
@@ -1003,27 +1002,27 @@ pub fn queue(v: &Value) -> String {
                     ("BRANCH", "branch"),
                 ],
                 leases,
-            ),
-        );
+            )
+        });
     }
     if !blocked.is_empty() {
-        section(
-            "blocked tasks:",
-            &|| table_with(
+        section("blocked tasks:", &|| {
+            table_with(
                 &[("TASK", "task_id"), ("WAITING ON", "waiting_on")],
                 blocked,
-            ),
-        );
+            )
+        });
     }
     let recent = array(v, "recent");
     if !recent.is_empty() {
-        section("recent jobs:", &|| table_with(&JOB_COLUMNS, &job_rows(recent)));
+        section("recent jobs:", &|| {
+            table_with(&JOB_COLUMNS, &job_rows(recent))
+        });
     }
     let items = array(ob, "items");
     if !items.is_empty() {
-        section(
-            "open side effects:",
-            &|| table_with(
+        section("open side effects:", &|| {
+            table_with(
                 &[
                     ("ID", "id"),
                     ("TASK", "task_id"),
@@ -1034,14 +1033,13 @@ pub fn queue(v: &Value) -> String {
                     ("LAST ERROR", "last_error"),
                 ],
                 items,
-            ),
-        );
+            )
+        });
     }
     let stops = array(stop, "recent");
     if !stops.is_empty() {
-        section(
-            "recent stops:",
-            &|| table_with(
+        section("recent stops:", &|| {
+            table_with(
                 &[
                     ("TASK", "id"),
                     ("WORK ITEM", "work_item_id"),
@@ -1050,8 +1048,8 @@ pub fn queue(v: &Value) -> String {
                     ("REASON", "cancel_reason"),
                 ],
                 stops,
-            ),
-        );
+            )
+        });
     }
     out
 }

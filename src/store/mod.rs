@@ -7,6 +7,7 @@
 //! updates (`… WHERE status = 'running' AND run_id = ?`) so a late writer can never
 //! overwrite a newer truth. Timestamps and ids are produced here, never by callers.
 
+mod keys;
 pub mod schema;
 
 use std::ops::Deref;

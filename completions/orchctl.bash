@@ -166,7 +166,7 @@ _orchctl() {
             fi
             case "${prev}" in
                 --agent)
-                    COMPREPLY=($(compgen -f "${cur}"))
+                    COMPREPLY=($(compgen -W "analyst developer reviewer deployer" -- "${cur}"))
                     return 0
                     ;;
                 --repo)
@@ -710,7 +710,7 @@ _orchctl() {
                     return 0
                     ;;
                 --stage)
-                    COMPREPLY=($(compgen -f "${cur}"))
+                    COMPREPLY=($(compgen -W "analysis development review deploy" -- "${cur}"))
                     return 0
                     ;;
                 --depends-on)
@@ -824,7 +824,7 @@ _orchctl() {
             fi
             case "${prev}" in
                 --stage)
-                    COMPREPLY=($(compgen -f "${cur}"))
+                    COMPREPLY=($(compgen -W "analysis development review deploy done cancelled" -- "${cur}"))
                     return 0
                     ;;
                 --repo)

@@ -195,7 +195,7 @@ pub struct TaskRef {
 #[derive(Debug, Args)]
 pub struct TaskAddArgs {
     /// Repository name (a clone at $ORCH_REPOS_DIR/<repo>)
-    #[arg(long, env = "ORCH_TASK_REPO")]
+    #[arg(long, value_name = "R", env = "ORCH_TASK_REPO")]
     pub repo: String,
     /// Work item id, e.g. ORCH-310
     #[arg(long, value_name = "ID", env = "ORCH_TASK_WORK_ITEM")]
@@ -207,10 +207,10 @@ pub struct TaskAddArgs {
     #[arg(long, value_name = "ID", env = "ORCH_TASK_PROJECT_ID")]
     pub project_id: Option<String>,
     /// Branch [default: feature/<work item>-<slug of the title>]
-    #[arg(long, env = "ORCH_TASK_BRANCH")]
+    #[arg(long, value_name = "B", env = "ORCH_TASK_BRANCH")]
     pub branch: Option<String>,
     /// Title
-    #[arg(long, env = "ORCH_TASK_TITLE")]
+    #[arg(long, value_name = "T", env = "ORCH_TASK_TITLE")]
     pub title: Option<String>,
     /// Stage to start in
     #[arg(
@@ -237,10 +237,10 @@ pub struct TaskListArgs {
     #[arg(long, value_name = "S", env = "ORCH_LIST_STAGE", value_parser = stage_name())]
     pub stage: Option<String>,
     /// Only tasks of this repo
-    #[arg(long, env = "ORCH_LIST_REPO")]
+    #[arg(long, value_name = "R", env = "ORCH_LIST_REPO")]
     pub repo: Option<String>,
     /// At most this many tasks
-    #[arg(long, default_value_t = 100, env = "ORCH_LIST_LIMIT")]
+    #[arg(long, value_name = "N", default_value_t = 100, env = "ORCH_LIST_LIMIT")]
     pub limit: i64,
 }
 

@@ -157,6 +157,17 @@ fn main() -> ExitCode {
     } else {
         Format::Json
     });
+    if std::io::stderr().is_terminal() {
+        // A person is watching: say why a stop does not return yet.
+        orchctl::integrations::process::set_wait_reporter(|w| {
+            eprintln!(
+                "orchctl: waiting up to {} s for agent pid {} to exit after SIGTERM \
+                 (SIGKILL then; ORCH_STOP_GRACE_SECS)",
+                w.grace.as_secs_f64(),
+                w.pid
+            );
+        });
+    }
     let width = text_width(&environment);
     match run(cli, &environment) {
         Ok(Some(output)) => emit(output, format, width),
@@ -294,6 +305,14 @@ fn run(cli: Cli, environment: &Environment) -> Result<Option<Output>> {
         )?,
         Command::Queue(q) => laid_out(&queue::snapshot(&ctx, q.recent), render::queue)?,
         Command::Event(e) => {
+            if std::io::stdin().is_terminal() {
+                // Not a webhook server's pipe: someone typed the command and would wait on
+                // a silent prompt.
+                eprintln!(
+                    "orchctl: waiting for a Plane delivery body on stdin \
+                     (end it with Ctrl-D; a webhook server pipes it in)"
+                );
+            }
             let body = read_body().context("reading the delivery body from stdin")?;
             laid_out(
                 &event::handle(

@@ -544,6 +544,43 @@ mod tests {
         out
     }
 
+    #[test]
+    fn switch_variables_are_read_strictly() {
+        let cmd = command();
+        let arg = clap::Arg::new("force")
+            .long("force")
+            .action(ArgAction::SetTrue)
+            .env("ORCH_STOP_FORCE");
+        let parse = |v: &str| Switch.parse_ref(&cmd, Some(&arg), OsStr::new(v));
+        for (v, want) in [
+            ("true", true),
+            ("false", false),
+            ("off", false),
+            ("YES", true),
+            ("", false),
+        ] {
+            assert_eq!(parse(v).unwrap(), want, "{v:?}");
+        }
+        for v in ["maybe", "n", "f", "2", "off\u{a0}"] {
+            let e = parse(v).unwrap_err();
+            assert!(e.to_string().contains("ORCH_STOP_FORCE="), "{e}");
+        }
+        let env = |k: &str, v: &str| Environment::from_pairs([(k, v)]);
+        for var in ["ORCH_STOP_FORCE", "ORCH_REAP_DRY_RUN", "ORCH_REAP_RECOVER"] {
+            let err = check_switch_variables(&env(var, "maybe")).unwrap_err();
+            assert_eq!(
+                crate::error::exit_kind(&err),
+                crate::error::ExitKind::Config,
+                "{var}"
+            );
+            assert!(err.to_string().contains(var), "{err}");
+            check_switch_variables(&env(var, "off")).unwrap();
+            check_switch_variables(&env(var, "")).unwrap();
+        }
+        // Only switch variables are booleans.
+        check_switch_variables(&env("ORCH_STOP_REASON", "maybe")).unwrap();
+    }
+
     /// The switches that deliberately have no variable (see the comment above StopArgs).
     const NO_VARIABLE: [&str; 3] = ["success", "failure", "exec"];
 

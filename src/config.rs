@@ -580,25 +580,88 @@ mod tests {
     }
 
     #[test]
-    fn booleans_accept_the_three_spellings() {
+    fn booleans_accept_the_four_spellings_in_any_case_and_nothing_else() {
         for (v, want) in [
             ("1", true),
             ("0", false),
             ("true", true),
-            ("off", false),
+            ("False", false),
             ("ON", true),
+            ("off", false),
+            ("Yes", true),
+            ("NO", false),
+            (" off\t", false),
+            ("", true),
+            ("  ", true),
         ] {
             assert_eq!(
                 cfg(&[("ORCH_STOP_ENABLED", v)]).unwrap().stop_enabled,
                 want,
-                "{v}"
+                "{v:?}"
             );
         }
-        let err = cfg(&[("ORCH_STOP_ENABLED", "maybe")]).unwrap_err();
+        for v in [
+            "maybe",
+            "y",
+            "n",
+            "t",
+            "f",
+            "2",
+            "-1",
+            "offf",
+            "of",
+            "off\u{a0}",
+            "\u{a0}off",
+            "o n",
+        ] {
+            let err = cfg(&[("ORCH_SERIAL_GATE", v)]).unwrap_err();
+            assert_eq!(
+                crate::error::exit_kind(&err),
+                crate::error::ExitKind::Config,
+                "{v:?}"
+            );
+            assert!(err.to_string().starts_with("ORCH_SERIAL_GATE="), "{err}");
+        }
+    }
+
+    #[test]
+    fn an_undecodable_orch_value_is_refused_naming_it_never_read_as_unset() {
+        use std::os::unix::ffi::OsStringExt;
+        let os = |s: &str| OsString::from(s);
+        let raw = |b: &[u8]| OsString::from_vec(b.to_vec());
+        let err = Environment::from_os_pairs([
+            (os("ORCH_PLANE_WEBHOOK_SECRET"), raw(b"s\xe9cret")),
+            (os("ORCH_STOP_ENABLED"), raw(b"off\xa0")),
+            (os("ORCH_REPOS_DIR"), os("/srv/repos")),
+        ])
+        .unwrap_err();
         assert_eq!(
             crate::error::exit_kind(&err),
             crate::error::ExitKind::Config
         );
+        let msg = err.to_string();
+        assert!(
+            msg.starts_with("ORCH_PLANE_WEBHOOK_SECRET, ORCH_STOP_ENABLED hold values"),
+            "{msg}"
+        );
+        assert!(!msg.contains("cret"), "never the value: {msg}");
+        // Other variables are not orchctl's to judge; an odd COLUMNS is only ignored.
+        let env = Environment::from_os_pairs([
+            (os("LANG"), raw(b"\xff")),
+            (os("COLUMNS"), raw(b"8\xff")),
+            (os("ORCH_TASK_DEPS"), os("off")),
+        ])
+        .unwrap();
+        assert_eq!(env.columns(), None);
+        assert!(!Config::from_environment(&env).unwrap().task_deps);
+    }
+
+    #[test]
+    fn a_unicode_blank_secret_is_a_value_not_unset() {
+        let c = cfg(&[("ORCH_PLANE_WEBHOOK_SECRET", "\u{a0}")]).unwrap();
+        assert!(c.webhook_secret.is_some());
+        let c = cfg(&[("ORCH_PLANE_WEBHOOK_SECRET", " \t")]).unwrap();
+        assert!(c.webhook_secret.is_none());
     }
 
     #[test]

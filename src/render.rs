@@ -24,6 +24,10 @@ const MAX_CELL: usize = 60;
 /// The narrowest a column is cut to while a table is fitted to the width.
 const MIN_CELL: usize = 4;
 
+/// Columns this narrow (an agent, a status, a stage) are cut only when cutting the wide
+/// ones is not enough.
+const KEEP_CELL: usize = 12;
+
 thread_local! {
     /// The width the text being rendered must fit, less the indent it will be given.
     static WIDTH: Cell<Option<usize>> = const { Cell::new(None) };
@@ -183,7 +187,28 @@ pub fn table_with(columns: &[(&str, &str)], rows: &[Value]) -> String {
         }
     }
     if let Some(max) = fitting {
-        let fitted = fit_columns(&widths, max);
+        let rigid: Vec<bool> = (0..widths.len())
+            .map(|i| !cells.is_empty() && cells.iter().all(|row| rigid(&row[i])))
+            .collect();
+        // First the long free-text columns give way, the last one (an error, a reason, a
+        // branch) down to almost nothing, while short ones stay whole; only when that is
+        // not enough is every column but the rigid ones cut.
+        let floors = |keep: usize| -> Vec<usize> {
+            widths
+                .iter()
+                .enumerate()
+                .map(|(i, &w)| match (rigid[i], i == last) {
+                    (true, _) => w,
+                    (false, true) => w.min(MIN_CELL),
+                    (false, false) => w.min(keep),
+                })
+                .collect()
+        };
+        let gaps = 2 * widths.len().saturating_sub(1);
+        let mut fitted = fit_columns(&widths, &floors(KEEP_CELL), max);
+        if fitted.iter().sum::<usize>() + gaps > max {
+            fitted = fit_columns(&widths, &floors(MIN_CELL), max);
+        }
         if fitted != widths {
             for (i, w) in fitted.iter().enumerate() {
                 headers[i] = cut(std::mem::take(&mut headers[i]), *w);
@@ -221,21 +246,24 @@ pub fn table_with(columns: &[(&str, &str)], rows: &[Value]) -> String {
 }
 
 /// Column widths that fit `max` with two-space gaps: the widest columns come down to one
-/// common width (none below [`MIN_CELL`] or its own width), the spare columns of that
-/// rounding going to the leftmost of them. Unchanged when the table fits already.
-fn fit_columns(widths: &[usize], max: usize) -> Vec<usize> {
+/// common width (none below its floor), the spare columns of that rounding going to the
+/// leftmost of them. Unchanged when the table fits already; the floors when even they do
+/// not fit (the line is then cut at the end).
+fn fit_columns(widths: &[usize], floors: &[usize], max: usize) -> Vec<usize> {
     let gaps = 2 * widths.len().saturating_sub(1);
-    let total = |level: usize| -> usize {
-        gaps + widths
+    let at = |level: usize| -> Vec<usize> {
+        widths
             .iter()
-            .map(|&w| w.min(level.max(MIN_CELL)))
-            .sum::<usize>()
+            .zip(floors)
+            .map(|(&w, &f)| w.min(level.max(f)))
+            .collect()
     };
+    let total = |level: usize| -> usize { gaps + at(level).iter().sum::<usize>() };
     let widest = widths.iter().copied().max().unwrap_or(0);
     if total(widest) <= max {
         return widths.to_vec();
     }
-    // The largest common width at which the table fits (total grows with the level).
+    // The largest common width at which the table fits (the total grows with the level).
     let (mut lo, mut hi) = (0, widest);
     while lo < hi {
         let mid = (lo + hi).div_ceil(2);
@@ -245,8 +273,7 @@ fn fit_columns(widths: &[usize], max: usize) -> Vec<usize> {
             hi = mid - 1;
         }
     }
-    let level = lo.max(MIN_CELL);
-    let mut out: Vec<usize> = widths.iter().map(|&w| w.min(level)).collect();
+    let mut out = at(lo);
     let mut spare = max.saturating_sub(total(lo));
     for (i, w) in out.iter_mut().enumerate() {
         if spare == 0 {
@@ -258,6 +285,14 @@ fn fit_columns(widths: &[usize], max: usize) -> Vec<usize> {
         }
     }
     out
+}
+
+/// Whether a cell is a fixed-shape value (a number, a time, `-`) that a cut would make
+/// meaningless: columns of them are cut last.
+fn rigid(cell: &str) -> bool {
+    cell == "-"
+        || cell.bytes().all(|b| b.is_ascii_digit() || b == b'/')
+        || (cell.len() == 20 && cell.as_bytes()[10] == b'T' && cell.ends_with('Z'))
 }
 
 /// An aligned table whose headers are the upper-cased keys.
@@ -1081,6 +1116,57 @@ mod tests {
             "{row}"
         );
         assert!(row.ends_with(&long));
+    }
+
+    #[test]
+    fn with_a_width_the_widest_columns_are_cut_to_one_width_and_rigid_ones_kept() {
+        let rows = [json!({
+            "id": 7, "agent": "developer", "at": "2026-01-02T03:04:05Z",
+            "repo": "r".repeat(40), "error": "e".repeat(200),
+        })];
+        let cols = [
+            ("ID", "id"),
+            ("AGENT", "agent"),
+            ("AT", "at"),
+            ("REPO", "repo"),
+            ("ERROR", "error"),
+        ];
+        let t = layout(Some(60), || table_with(&cols, &rows));
+        for l in t.lines() {
+            assert!(l.chars().count() <= 60, "{t}");
+        }
+        let row = t.lines().nth(1).unwrap();
+        assert!(
+            row.starts_with("7   developer  2026-01-02T03:04:05Z  rrr"),
+            "{t}"
+        );
+        assert!(row.ends_with("e~"), "{t}");
+        assert_eq!(t.lines().count(), 2, "never wrapped: {t}");
+        // Without a width the same table keeps its length (the last column whole).
+        let full = table_with(&cols, &rows);
+        assert!(full.lines().nth(1).unwrap().ends_with(&"e".repeat(200)));
+    }
+
+    #[test]
+    fn column_widths_fit_exactly_when_they_can() {
+        // Gaps: 2 × 2 = 4; 30 - 4 = 26 left for the three columns.
+        assert_eq!(fit_columns(&[3, 50, 50], &[3, 4, 4], 30), vec![3, 12, 11]);
+        assert_eq!(fit_columns(&[3, 5, 6], &[3, 4, 4], 30), vec![3, 5, 6]);
+        // Floors that do not fit come back as they are (the line is cut later).
+        assert_eq!(
+            fit_columns(&[20, 20, 20], &[20, 20, 4], 30),
+            vec![20, 20, 4]
+        );
+    }
+
+    #[test]
+    fn lines_longer_than_the_width_are_cut_not_wrapped() {
+        assert_eq!(fit_lines("abcdef\nab\nabcdefgh", 5), "abcd~\nab\nabcd~");
+        let text = layout(Some(10), || "a line that is far too long\n".into());
+        assert_eq!(text, "a line th~\n");
+        // `key  value` lines cut the value.
+        let f = layout(Some(20), || facts(&[("title", Some("x".repeat(50)))], 2));
+        assert_eq!(f, format!("  title  {}~\n", "x".repeat(10)));
     }
 
     #[test]

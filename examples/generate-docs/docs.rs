@@ -255,8 +255,11 @@ fn extra_sections(cmd: &clap::Command, parent: Option<&clap::Command>) -> Roff {
         r.control("SH", ["ENVIRONMENT"]);
         r.text([roman(
             "Configuration comes from these variables (systemd EnvironmentFile= works; an \
-             example is scripts/orchctl.env). Booleans accept 1/0, true/false and on/off. \
-             Every flag of a command also has a variable, shown with the flag.",
+             example is scripts/orchctl.env). Booleans accept 1/0, true/false, on/off and \
+             yes/no in any case (empty = unset); anything else, or a value that is not \
+             UTF-8, is exit 78 naming the variable. Every flag of a command also has a \
+             variable, shown with the flag; text output fits the terminal's width, or \
+             COLUMNS when set.",
         )]);
         for (name, default, meaning) in orchctl::config::VARIABLES {
             let default = if default.is_empty() { "unset" } else { default };

@@ -34,8 +34,14 @@ _orchctl() {
             orchctl,help)
                 cmd="orchctl__subcmd__help"
                 ;;
+            orchctl,metrics)
+                cmd="orchctl__subcmd__metrics"
+                ;;
             orchctl,migrate)
                 cmd="orchctl__subcmd__migrate"
+                ;;
+            orchctl,prune)
+                cmd="orchctl__subcmd__prune"
                 ;;
             orchctl,queue)
                 cmd="orchctl__subcmd__queue"
@@ -70,8 +76,14 @@ _orchctl() {
             orchctl__subcmd__help,help)
                 cmd="orchctl__subcmd__help__subcmd__help"
                 ;;
+            orchctl__subcmd__help,metrics)
+                cmd="orchctl__subcmd__help__subcmd__metrics"
+                ;;
             orchctl__subcmd__help,migrate)
                 cmd="orchctl__subcmd__help__subcmd__migrate"
+                ;;
+            orchctl__subcmd__help,prune)
+                cmd="orchctl__subcmd__help__subcmd__prune"
                 ;;
             orchctl__subcmd__help,queue)
                 cmd="orchctl__subcmd__help__subcmd__queue"
@@ -137,7 +149,7 @@ _orchctl() {
 
     case "${cmd}" in
         orchctl)
-            opts="-h -V --db --format --help --version migrate task stop claim complete reap reconcile deploy-begin finalize-deploy queue event help"
+            opts="-h -V --db --format --help --version migrate task stop claim complete reap reconcile deploy-begin finalize-deploy queue event metrics prune help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 1 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -301,7 +313,7 @@ _orchctl() {
             return 0
             ;;
         orchctl__subcmd__help)
-            opts="migrate task stop claim complete reap reconcile deploy-begin finalize-deploy queue event help"
+            opts="migrate task stop claim complete reap reconcile deploy-begin finalize-deploy queue event metrics prune help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -398,7 +410,35 @@ _orchctl() {
             COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
             return 0
             ;;
+        orchctl__subcmd__help__subcmd__metrics)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
         orchctl__subcmd__help__subcmd__migrate)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        orchctl__subcmd__help__subcmd__prune)
             opts=""
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
@@ -538,6 +578,32 @@ _orchctl() {
             COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
             return 0
             ;;
+        orchctl__subcmd__metrics)
+            opts="-h --textfile --db --format --help"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --textfile)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --db)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --format)
+                    COMPREPLY=($(compgen -W "json text" -- "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
         orchctl__subcmd__migrate)
             opts="-h --db --format --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
@@ -545,6 +611,32 @@ _orchctl() {
                 return 0
             fi
             case "${prev}" in
+                --db)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --format)
+                    COMPREPLY=($(compgen -W "json text" -- "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        orchctl__subcmd__prune)
+            opts="-h --older-than --dry-run --db --format --help"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --older-than)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 --db)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0

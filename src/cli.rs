@@ -168,6 +168,23 @@ pub enum Command {
     /// The body is read raw (at most 1 MiB); with ORCH_PLANE_WEBHOOK_SECRET set the
     /// signature is required and checked (exit 77). See docs/plane-webhook.md.
     Event(EventArgs),
+
+    /// Prometheus metrics: jobs, tasks, side effects, leases, waits, queue age, agents
+    ///
+    /// Prints the text exposition format (0.0.4) whatever --format says: orchctl_jobs,
+    /// orchctl_tasks, orchctl_outbox_effects, orchctl_merge_leases_held,
+    /// orchctl_awaiting_tasks, orchctl_oldest_queued_job_age_seconds and
+    /// orchctl_agents_running, all gauges. With --textfile DIR it writes DIR/orchctl.prom
+    /// atomically for node_exporter's textfile collector and prints nothing.
+    Metrics(MetricsArgs),
+
+    /// Housekeeping: delete old delivery hashes, done side effects and agent logs (daily)
+    ///
+    /// Deletes the hashes of Plane deliveries handled more than 7 days ago, the done
+    /// side effects of tasks finished or cancelled more than DAYS ago, and the agent logs
+    /// ($ORCH_LOG_DIR/job-<id>-run-<run>.log) of runs that ended more than DAYS ago.
+    /// Never deletes a task, a job or an audit row. Prints the counts.
+    Prune(PruneArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -368,6 +385,29 @@ pub struct EventArgs {
     pub signature: Option<String>,
 }
 
+#[derive(Debug, Args)]
+pub struct MetricsArgs {
+    /// Write DIR/orchctl.prom (temporary file + rename) instead of printing
+    #[arg(long, value_name = "DIR", env = "ORCH_METRICS_TEXTFILE")]
+    pub textfile: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct PruneArgs {
+    /// Keep side effects and logs of the last DAYS days
+    #[arg(
+        long,
+        value_name = "DAYS",
+        default_value_t = 90,
+        env = "ORCH_PRUNE_OLDER_THAN",
+        value_parser = clap::value_parser!(u32).range(0..=36_500)
+    )]
+    pub older_than: u32,
+    /// Count what would be deleted, delete nothing
+    #[arg(long, env = "ORCH_PRUNE_DRY_RUN")]
+    pub dry_run: bool,
+}
+
 /// The agent names (`analyst`, `developer`, `reviewer`, `deployer`), in pipeline order.
 pub fn agent_names() -> Vec<&'static str> {
     pipeline::LIVE_STAGES
@@ -490,11 +530,12 @@ pub fn command() -> clap::Command {
 /// `ORCH_DB_PATH=` means "the default", as an empty configuration variable does
 /// (config.rs), instead of an empty value that fails to parse. Only for parsing: help, man
 /// pages and completions must not depend on the environment.
-fn ignore_empty_env(cmd: clap::Command) -> clap::Command {
+fn ignore_empty_env(cmd: clap::Command, env: &Environment) -> clap::Command {
     let mut cmd = cmd.mut_args(|a| {
-        let empty = a.get_env().is_some_and(|name| {
-            std::env::var_os(name).is_some_and(|v| v.to_str().is_some_and(|s| s.trim().is_empty()))
-        });
+        let empty = a
+            .get_env()
+            .and_then(OsStr::to_str)
+            .is_some_and(|name| env.get(name).is_some_and(config::is_blank));
         if empty {
             a.env(None::<&str>)
         } else {
@@ -506,18 +547,20 @@ fn ignore_empty_env(cmd: clap::Command) -> clap::Command {
         .map(|s| s.get_name().to_string())
         .collect();
     for name in subs {
-        cmd = cmd.mut_subcommand(name, ignore_empty_env);
+        cmd = cmd.mut_subcommand(name, |s| ignore_empty_env(s, env));
     }
     cmd
 }
 
-/// Parses `args` (the program name first) with [`command`], in this process's environment.
+/// Parses `args` (the program name first) with [`command`], in this process's environment
+/// (clap reads the flags' variables itself: [`environment`] has checked them first).
 pub fn try_parse_from<I, T>(args: I) -> Result<Cli, clap::Error>
 where
     I: IntoIterator<Item = T>,
     T: Into<OsString> + Clone,
 {
-    let mut cmd = ignore_empty_env(command());
+    let env = Environment::capture().unwrap_or_default();
+    let mut cmd = ignore_empty_env(command(), &env);
     let matches = cmd.try_get_matches_from_mut(args)?;
     Cli::from_arg_matches(&matches).map_err(|e| e.format(&mut cmd))
 }

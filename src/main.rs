@@ -11,7 +11,9 @@ use serde_json::{json, Value};
 use orchctl::cli::{Cli, Command, DeployOutcomeArg, Format, TaskCommand};
 use orchctl::config::{scrub_env, Environment};
 use orchctl::error::{self, ExitKind};
-use orchctl::{claim, deploy, event, jobs, queue, reconcile, render, stop, tasks, Config, Ctx};
+use orchctl::{
+    claim, deploy, event, jobs, metrics, prune, queue, reconcile, render, stop, tasks, Config, Ctx,
+};
 
 /// What a successful command hands back to be printed.
 struct Output {
@@ -19,6 +21,8 @@ struct Output {
     /// A text layout of its own; `None` uses the generic one.
     text: Option<fn(&Value) -> String>,
     warning: Option<String>,
+    /// Printed as it is, whatever the format (the Prometheus text of `metrics`).
+    raw: Option<String>,
 }
 
 fn out<T: Serialize>(value: &T) -> Result<Output> {
@@ -26,7 +30,18 @@ fn out<T: Serialize>(value: &T) -> Result<Output> {
         json: serde_json::to_value(value)?,
         text: None,
         warning: None,
+        raw: None,
     })
+}
+
+/// Output printed verbatim in every format.
+fn raw(text: String) -> Output {
+    Output {
+        json: Value::Null,
+        text: None,
+        warning: None,
+        raw: Some(text),
+    }
 }
 
 /// A result with its own text layout.
@@ -180,11 +195,12 @@ fn emit(output: Output, format: Format, width: Option<usize>) -> ExitCode {
     if let Some(w) = &output.warning {
         eprintln!("orchctl: warning: {}", scrub_env(w));
     }
-    let text = match format {
-        Format::Json => format!("{}\n", output.json),
+    let text = match (output.raw, format) {
+        (Some(raw), _) => raw,
+        (None, Format::Json) => format!("{}\n", output.json),
         // Titles and reasons come from Plane and operators: a terminal must not receive
         // their escape sequences (JSON escapes them by itself).
-        Format::Text => render::printable(&render::layout(width, || match output.text {
+        (None, Format::Text) => render::printable(&render::layout(width, || match output.text {
             Some(f) => f(&output.json),
             None => render::generic(&output.json),
         })),
@@ -209,6 +225,13 @@ fn run(cli: Cli, environment: &Environment) -> Result<Option<Output>> {
     let config = Config::from_environment(environment)?;
     let db = cli.db.unwrap_or_else(orchctl::default_db_path);
     let ctx = Ctx::open(&db, config)?;
+    if ctx.store.created() {
+        // A mistyped ORCH_DB_PATH must not go unnoticed as an empty pipeline.
+        eprintln!(
+            "orchctl: created a new database at {}",
+            scrub_env(&ctx.store.path().display().to_string())
+        );
+    }
     let output = match cli.command {
         Command::Migrate => laid_out(
             &json!({
@@ -219,22 +242,27 @@ fn run(cli: Cli, environment: &Environment) -> Result<Option<Output>> {
             }),
             render::migrate,
         )?,
-        Command::Task(TaskCommand::Add(a)) => laid_out(
-            &tasks::add(
-                &ctx,
-                &tasks::AddTask {
-                    repo: a.repo,
-                    work_item: a.work_item,
-                    plane_id: a.plane_id,
-                    project_id: a.project_id,
-                    branch: a.branch,
-                    title: a.title,
-                    stage: Some(a.stage),
-                    depends_on: a.depends_on,
-                },
-            )?,
-            render::task_add,
-        )?,
+        Command::Task(TaskCommand::Add(a)) => {
+            let repo = a.repo.clone();
+            let mut o = laid_out(
+                &tasks::add(
+                    &ctx,
+                    &tasks::AddTask {
+                        repo: a.repo,
+                        work_item: a.work_item,
+                        plane_id: a.plane_id,
+                        project_id: a.project_id,
+                        branch: a.branch,
+                        title: a.title,
+                        stage: Some(a.stage),
+                        depends_on: a.depends_on,
+                    },
+                )?,
+                render::task_add,
+            )?;
+            o.warning = tasks::missing_clone_warning(&ctx.config, &repo);
+            o
+        }
         Command::Task(TaskCommand::Show(t)) => {
             laid_out(&tasks::show(&ctx, &t.task)?, render::task_show)?
         }
@@ -327,6 +355,23 @@ fn run(cli: Cli, environment: &Environment) -> Result<Option<Output>> {
                 render::event,
             )?
         }
+        Command::Metrics(m) => {
+            let text = metrics::exposition(&metrics::collect(&ctx)?);
+            match m.textfile {
+                Some(dir) => {
+                    metrics::write_textfile(&dir, &text)?;
+                    raw(String::new())
+                }
+                None => raw(text),
+            }
+        }
+        Command::Prune(p) => out(&prune::prune(
+            &ctx,
+            prune::PruneOptions {
+                older_than_days: p.older_than,
+                dry_run: p.dry_run,
+            },
+        )?)?,
     };
     Ok(Some(output))
 }

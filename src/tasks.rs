@@ -163,6 +163,27 @@ pub fn add(ctx: &Ctx, a: &AddTask) -> Result<Added> {
     })
 }
 
+/// A warning when `repo` has no git clone at `$ORCH_REPOS_DIR/<repo>`: the task is added
+/// all the same (the clone may come later), but agents, worktrees and STOP's branch
+/// removal all work from that clone, and a typo in `--repo` would otherwise go unnoticed.
+pub fn missing_clone_warning(config: &crate::Config, repo: &str) -> Option<String> {
+    let clone = config.repos_dir.join(repo);
+    if clone.join(".git").exists() {
+        return None;
+    }
+    let what = if clone.is_dir() {
+        "is not a git clone"
+    } else {
+        "does not exist"
+    };
+    Some(format!(
+        "repo {repo:?} has no clone: {} {what} (agents, worktrees and STOP's branch removal \
+         need one: git clone <url> {})",
+        clone.display(),
+        clone.display()
+    ))
+}
+
 /// Resolves a reference or fails with a helpful error.
 pub fn resolve(ctx: &Ctx, reference: &str) -> Result<Task> {
     ctx.store.read(|r| {

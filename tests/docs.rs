@@ -66,6 +66,8 @@ fn man_pages_and_completions_are_current() {
         "orchctl-finalize-deploy",
         "orchctl-queue",
         "orchctl-event",
+        "orchctl-metrics",
+        "orchctl-prune",
     ] {
         let rel = PathBuf::from(format!("man/{page}.1"));
         assert!(files.iter().any(|(p, _)| *p == rel), "no page {page}");
@@ -562,8 +564,11 @@ fn cron_lines_and_systemd_units_run_the_right_commands() {
                 && !l.starts_with("PATH=")
         })
         .collect();
-    assert_eq!(jobs.len(), 3, "{jobs:?}");
-    for (line, command) in jobs.iter().zip(["reap", "reconcile", "reap --recover"]) {
+    assert_eq!(jobs.len(), 4, "{jobs:?}");
+    for (line, command) in jobs
+        .iter()
+        .zip(["reap", "reconcile", "prune", "reap --recover"])
+    {
         let fields: Vec<&str> = line.split_whitespace().collect();
         let user_at = if fields[0] == "@reboot" { 1 } else { 5 };
         assert_eq!(fields[user_at], "orchctl", "{line}");
@@ -576,12 +581,20 @@ fn cron_lines_and_systemd_units_run_the_right_commands() {
         let (ok, _, err) = sh("sh", &["-n", "-c", &cmd]);
         assert!(ok, "{line}: {err}");
     }
-    assert!(jobs[2].starts_with("@reboot"));
+    assert!(jobs[3].starts_with("@reboot"));
+    // The daily prune runs once a day.
+    let prune: Vec<&str> = jobs[2].split_whitespace().take(5).collect();
+    assert!(
+        prune[0].parse::<u8>().is_ok() && prune[1].parse::<u8>().is_ok() && prune[2..] == ["*"; 3],
+        "{}",
+        jobs[2]
+    );
 
     for (unit, command) in [
         ("orchctl-reap.service", "reap"),
         ("orchctl-reconcile.service", "reconcile"),
         ("orchctl-recover.service", "reap --recover"),
+        ("orchctl-prune.service", "prune"),
     ] {
         let text = read(&format!("scripts/systemd/{unit}"));
         assert!(
@@ -600,6 +613,11 @@ fn cron_lines_and_systemd_units_run_the_right_commands() {
             "{timer}"
         );
     }
+    let text = read("scripts/systemd/orchctl-prune.timer");
+    assert!(
+        text.contains("OnCalendar=daily\n") && text.contains("WantedBy=timers.target"),
+        "orchctl-prune.timer"
+    );
 }
 
 /// systemd itself parses the units (with ExecStart pointed at the built binary, since
@@ -610,9 +628,11 @@ fn systemd_analyze_verifies_the_units() {
     let env = Env::new();
     let dir = env.path().join("units");
     std::fs::create_dir_all(&dir).unwrap();
+    // The units; the webhook server's drop-in folder is checked below.
     let names: Vec<String> = std::fs::read_dir(root().join("scripts/systemd"))
         .unwrap()
         .flatten()
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_file()))
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .collect();
     for name in &names {
@@ -633,9 +653,31 @@ fn systemd_analyze_verifies_the_units() {
     for e in std::fs::read_dir(root().join("man")).unwrap().flatten() {
         std::fs::copy(e.path(), man1.join(e.file_name())).unwrap();
     }
-    let paths: Vec<String> = names
+    let mut paths: Vec<String> = names
         .iter()
         .map(|n| dir.join(n).display().to_string())
+        .collect();
+    // The webhook server's drop-in, on Debian's own unit (package `webhook`).
+    let debian_unit = Path::new("/lib/systemd/system/webhook.service");
+    assert!(
+        debian_unit.exists(),
+        "{} is missing: apt-get install webhook (scripts/test and .ci/run install it)",
+        debian_unit.display()
+    );
+    std::fs::copy(debian_unit, dir.join("webhook.service")).unwrap();
+    std::fs::create_dir_all(dir.join("webhook.service.d")).unwrap();
+    let drop_in = read("scripts/systemd/webhook.service.d/orchctl.conf")
+        .replace(
+            "/etc/orchctl/env",
+            &root().join("scripts/orchctl.env").display().to_string(),
+        )
+        .replace("User=orchctl\n", "")
+        .replace("Group=orchctl\n", "");
+    std::fs::write(dir.join("webhook.service.d/orchctl.conf"), drop_in).unwrap();
+    paths.push(dir.join("webhook.service").display().to_string());
+    let names: Vec<String> = names
+        .into_iter()
+        .chain(["webhook.service".to_string(), "orchctl.conf".to_string()])
         .collect();
     let out = Command::new("systemd-analyze")
         .arg("verify")

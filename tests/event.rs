@@ -1233,6 +1233,65 @@ fn command_in(env: &Env, program: impl AsRef<std::ffi::OsStr>) -> Command {
     cmd
 }
 
+/// Whether this test process runs as root (then the webhook server is started as
+/// [`SERVER_USER`], as the shipped systemd drop-in runs it as `orchctl`).
+fn is_root() -> bool {
+    // /proc/self belongs to the process's effective user.
+    std::os::unix::fs::MetadataExt::uid(&std::fs::metadata("/proc/self").unwrap()) == 0
+}
+
+/// The unprivileged user and group the server runs as when the tests run as root.
+const SERVER_USER: (&str, &str) = ("nobody", "nogroup");
+
+/// Prefixes `cmd` to run as [`SERVER_USER`] when the tests run as root (setpriv execs the
+/// program, so the pid is the program's own); as any other user it runs as that user.
+fn unprivileged(program: &str, args: &[&str]) -> (String, Vec<String>) {
+    if !is_root() {
+        return (
+            program.to_string(),
+            args.iter().map(|a| a.to_string()).collect(),
+        );
+    }
+    let mut all = vec![
+        format!("--reuid={}", SERVER_USER.0),
+        format!("--regid={}", SERVER_USER.1),
+        "--clear-groups".to_string(),
+        program.to_string(),
+    ];
+    all.extend(args.iter().map(|a| a.to_string()));
+    ("setpriv".to_string(), all)
+}
+
+/// Makes this test's folder the server user's: the shims and the binary are put inside it
+/// (the checkout may sit where that user cannot go), a `tmp/` for the server's temporary
+/// files, and everything handed over with `chown -R`. Returns the folder of the shims.
+fn hand_over(env: &Env) -> PathBuf {
+    let bin = env.path().join("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    std::fs::create_dir_all(env.path().join("tmp")).unwrap();
+    let orchctl = bin.join("orchctl");
+    if std::fs::hard_link(BIN, &orchctl).is_err() {
+        std::fs::copy(BIN, &orchctl).unwrap();
+    }
+    for shim in ["plane-webhook-shim", "orchctl-read-shim"] {
+        std::fs::copy(scripts().join(shim), bin.join(shim)).unwrap();
+    }
+    if is_root() {
+        let owner = format!("{}:{}", SERVER_USER.0, SERVER_USER.1);
+        let out = Command::new("chown")
+            .args(["-R", &owner])
+            .arg(env.path())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    bin
+}
+
 /// The real `webhook` server, killed (and reaped) when dropped, even if the test fails.
 struct WebhookServer {
     child: Child,
@@ -1248,13 +1307,19 @@ impl Drop for WebhookServer {
 }
 
 impl WebhookServer {
-    fn start(env: &Env, hooks: &Path) -> WebhookServer {
+    /// Starts `webhook` with `flags` (the shipped drop-in's, `-hooks` and `-port` filled
+    /// in here) as an unprivileged user, with this test's environment, `ORCHCTL` pointing
+    /// at `bin/orchctl` and `TMPDIR` at the test's `tmp/`.
+    fn start(env: &Env, bin: &Path, hooks: &Path, flags: &[String]) -> WebhookServer {
         match Command::new("webhook").arg("-version").output() {
             Ok(o) if o.status.success() => {}
             _ => panic!(
                 "the end-to-end test needs the `webhook` server on PATH (Debian package `webhook`, \
                  adnanh/webhook): apt-get install webhook — scripts/test and .ci/run install it"
             ),
+        }
+        if is_root() && Command::new("setpriv").arg("--version").output().is_err() {
+            panic!("the end-to-end test needs setpriv (util-linux) to drop root");
         }
         // A port that was free a moment ago; the bind race is retried.
         for _ in 0..5 {
@@ -1263,18 +1328,31 @@ impl WebhookServer {
                 .local_addr()
                 .unwrap()
                 .port();
+            let mut args: Vec<String> = Vec::new();
+            let mut it = flags.iter();
+            while let Some(f) = it.next() {
+                match f.as_str() {
+                    "-hooks" | "-port" => {
+                        it.next();
+                    }
+                    _ => args.push(f.clone()),
+                }
+            }
+            args.extend([
+                "-hooks".to_string(),
+                hooks.display().to_string(),
+                "-port".to_string(),
+                port.to_string(),
+                "-verbose".to_string(),
+            ]);
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            let (program, argv) = unprivileged("webhook", &args);
             let log = env.path().join(format!("webhook-{port}.log"));
-            let mut cmd = command_in(env, "webhook");
-            cmd.env("TMPDIR", env.path())
-                .args([
-                    "-hooks",
-                    hooks.to_str().unwrap(),
-                    "-ip",
-                    "127.0.0.1",
-                    "-port",
-                    &port.to_string(),
-                    "-verbose",
-                ])
+            let mut cmd = command_in(env, program);
+            cmd.env("ORCHCTL", bin.join("orchctl"))
+                .env("TMPDIR", env.path().join("tmp"))
+                .current_dir(env.path())
+                .args(argv)
                 .stdin(Stdio::null())
                 .stdout(std::fs::File::create(&log).unwrap())
                 .stderr(Stdio::from(
@@ -1296,6 +1374,7 @@ impl WebhookServer {
                 std::thread::sleep(Duration::from_millis(20));
             }
             let _ = server.child.kill();
+            let _ = server.child.wait();
             eprintln!(
                 "webhook did not come up on port {port}: {}",
                 server.log_text()
@@ -1322,6 +1401,53 @@ impl WebhookServer {
         let status = resp.status().as_u16();
         (status, resp.into_body().read_to_string().unwrap())
     }
+
+    /// `GET /hooks/<hook>`: (status, Content-Type, body).
+    fn get(&self, hook: &str) -> (u16, String, String) {
+        let agent = orchctl::integrations::http::agent(Duration::from_secs(60));
+        let url = format!("http://127.0.0.1:{}/hooks/{hook}", self.port);
+        let resp = agent.get(url.as_str()).call().unwrap();
+        let status = resp.status().as_u16();
+        let content_type = resp
+            .headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_string();
+        (
+            status,
+            content_type,
+            resp.into_body().read_to_string().unwrap(),
+        )
+    }
+}
+
+/// The server's flags from the shipped systemd drop-in's `ExecStart=`, which must run it
+/// as the unprivileged `orchctl` user with its own temp dir.
+fn drop_in_flags() -> Vec<String> {
+    let unit =
+        std::fs::read_to_string(scripts().join("systemd/webhook.service.d/orchctl.conf")).unwrap();
+    assert!(unit.lines().any(|l| l == "User=orchctl"), "{unit}");
+    assert!(unit.lines().any(|l| l == "PrivateTmp=yes"), "{unit}");
+    let exec = unit
+        .lines()
+        .filter_map(|l| l.strip_prefix("ExecStart="))
+        .next_back()
+        .expect("an ExecStart= line");
+    let mut words = exec.split_whitespace();
+    assert_eq!(words.next(), Some("/usr/bin/webhook"), "{exec}");
+    let flags: Vec<String> = words.map(String::from).collect();
+    assert!(flags.iter().any(|f| f == "-template"), "{exec}");
+    flags
+}
+
+/// Names in `/`, to show that the server wrote nothing there.
+fn root_entries() -> std::collections::BTreeSet<String> {
+    std::fs::read_dir("/")
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect()
 }
 
 #[test]
@@ -1329,7 +1455,16 @@ fn end_to_end_a_signed_delivery_through_the_real_webhook_server_stops_the_task()
     let mut env = Env::new();
     env.set("ORCH_PLANE_WEBHOOK_SECRET", SECRET);
     let task = env.make_task(ISSUE, "ORCH-42", "deploy", None);
-    let agent = Agent::spawn("sleep 60 & sleep 60");
+    // The agent runs as the server's user, as agents and server both run as `orchctl` in
+    // production: a STOP through the server may only signal its own user's processes.
+    let agent = if is_root() {
+        Agent::spawn(&format!(
+            "exec setpriv --reuid={} --regid={} --clear-groups sh -c 'sleep 60 & sleep 60'",
+            SERVER_USER.0, SERVER_USER.1
+        ))
+    } else {
+        Agent::spawn("sleep 60 & sleep 60")
+    };
     let job = env.make_job_full(
         task,
         "deployer",
@@ -1341,30 +1476,55 @@ fn end_to_end_a_signed_delivery_through_the_real_webhook_server_stops_the_task()
         2,
     );
 
-    // The shipped hooks file, with the shim's install path pointed at this checkout.
+    // The shipped hooks file, with the shims' install path pointed at copies in the test's
+    // folder (the server's user may not reach the checkout).
+    let bin = hand_over(&env);
     let mut hooks: Value =
         serde_json::from_slice(&std::fs::read(scripts().join("plane-webhook.hooks.json")).unwrap())
             .unwrap();
-    let hook = &mut hooks[0];
+    let mut ids = Vec::new();
+    for hook in hooks.as_array_mut().unwrap() {
+        ids.push(hook["id"].as_str().unwrap().to_string());
+        assert!(hook.get("command-working-directory").is_none(), "{hook}");
+        let shim = Path::new(hook["execute-command"].as_str().unwrap())
+            .file_name()
+            .unwrap()
+            .to_owned();
+        hook["execute-command"] = json!(bin.join(shim));
+    }
+    assert_eq!(ids, ["plane", "queue", "metrics"]);
     assert_eq!(
-        hook["pass-file-to-command"][0]["source"],
+        hooks[0]["pass-file-to-command"][0]["source"],
         "raw-request-body"
     );
-    hook["execute-command"] = json!(scripts().join("plane-webhook-shim"));
     let hooks_file = env.path().join("hooks.json");
     std::fs::write(&hooks_file, serde_json::to_vec_pretty(&hooks).unwrap()).unwrap();
-    let server = WebhookServer::start(&env, &hooks_file);
+    let before_root = root_entries();
+    let server = WebhookServer::start(&env, &bin, &hooks_file, &drop_in_flags());
 
+    // Unsigned and wrongly signed deliveries are refused by the server itself with 401:
+    // orchctl never runs and nothing is written.
     let body = fixture("issue_update_state_change.wire.json");
-    // Unsigned and wrongly signed deliveries are refused by orchctl behind the server.
+    let before = snapshot(&env);
     let (status, text) = server.post(&body, &[("X-Plane-Event", "issue")]);
-    assert_eq!(status, 500, "{text}\n{}", server.log_text());
-    assert!(text.contains("X-Plane-Signature"), "{text}");
-    let (status, _) = server.post(
-        &body,
-        &[("X-Plane-Event", "issue"), ("X-Plane-Signature", "--help")],
+    assert_eq!(status, 401, "{text}\n{}", server.log_text());
+    let zeros = "0".repeat(64);
+    for wrong in ["--help", "00", zeros.as_str()] {
+        let (status, text) = server.post(
+            &body,
+            &[("X-Plane-Event", "issue"), ("X-Plane-Signature", wrong)],
+        );
+        assert_eq!(status, 401, "{wrong}: {text}\n{}", server.log_text());
+    }
+    assert_eq!(snapshot(&env), before);
+    let log = server.log_text();
+    assert_eq!(
+        log.matches("didn't get triggered because the trigger rules were not satisfied")
+            .count(),
+        4,
+        "{log}"
     );
-    assert_eq!(status, 500);
+    assert!(!log.contains("executing"), "orchctl ran: {log}");
     assert_eq!(env.task(task).stage, "deploy");
     assert!(!agent.group().is_empty());
 
@@ -1409,6 +1569,41 @@ fn end_to_end_a_signed_delivery_through_the_real_webhook_server_stops_the_task()
     );
     assert_eq!(status, 200);
     assert!(text.contains("\"action\":\"duplicate\""), "{text}");
+
+    // The reads: the queue as JSON, the metrics as Prometheus text.
+    let (status, content_type, text) = server.get("queue");
+    assert_eq!(status, 200, "{text}\n{}", server.log_text());
+    assert_eq!(content_type, "application/json");
+    let q: Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"));
+    assert_eq!(q["counts"]["cancelled"], 1, "{q}");
+    assert_eq!(q["stop"]["cancelled_count"], 1, "{q}");
+    let (status, content_type, text) = server.get("metrics");
+    assert_eq!(status, 200, "{text}\n{}", server.log_text());
+    assert_eq!(content_type, "text/plain; version=0.0.4; charset=utf-8");
+    crate::ops::promtool_check(&text);
+    assert!(
+        text.contains("\norchctl_tasks{stage=\"cancelled\"} 1\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains("\norchctl_jobs{status=\"cancelled\"} 1\n"),
+        "{text}"
+    );
+
+    // Each body went to a file in the server's temp dir, and nothing was left in `/`.
+    let log = server.log_text();
+    let tmp = env.path().join("tmp");
+    let bodies: Vec<&str> = log
+        .lines()
+        .filter_map(|l| l.split("writing env BODY_FILE file ").nth(1))
+        .collect();
+    assert_eq!(bodies.len(), 2, "{log}");
+    for b in bodies {
+        assert!(Path::new(b.trim()).starts_with(&tmp), "{b}");
+    }
+    assert_eq!(std::fs::read_dir(&tmp).unwrap().count(), 0);
+    drop(server);
+    assert_eq!(root_entries(), before_root);
 }
 
 #[test]

@@ -6,6 +6,7 @@ mod event_hostile;
 mod fault;
 mod hostile;
 mod lifecycle;
+mod ops;
 mod plans;
 mod queue;
 mod reliability;

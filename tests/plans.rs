@@ -14,7 +14,7 @@ use std::collections::BTreeSet;
 use orchctl::claim::{self, ClaimRequest};
 use orchctl::jobs::{self, ReapOptions, RunOutcome};
 use orchctl::stop::{self, StopOptions};
-use orchctl::{queue, reconcile, Ctx};
+use orchctl::{metrics, prune, queue, reconcile, Ctx};
 
 use crate::common::Env;
 
@@ -431,4 +431,96 @@ fn the_counters_match_the_rows() {
         q["stop"]["cancelled_count"],
         env.count("SELECT count(*) FROM tasks WHERE stage = 'cancelled'")
     );
+}
+
+/// The plan lines of every statement `ctx` ran whose SQL contains `fragment`.
+fn plans_of(ctx: &Ctx, statements: &[String], fragment: &str) -> Vec<String> {
+    let found: Vec<&String> = statements.iter().filter(|s| s.contains(fragment)).collect();
+    assert!(
+        !found.is_empty(),
+        "no statement with {fragment:?}: {statements:#?}"
+    );
+    found
+        .into_iter()
+        .flat_map(|s| ctx.store.explain(s).unwrap())
+        .collect()
+}
+
+#[test]
+fn metrics_never_scans_history_and_each_read_has_its_index() {
+    let env = world();
+    let c = env.ctx();
+    // A running job, a stopped task (its side effects, a dependent blocked by it): the
+    // first claim takes ORCH-1's analyst, which the stop cancels, the second ORCH-3's.
+    claim::claim(&c, &ClaimRequest::default()).unwrap().unwrap();
+    claim::claim(&c, &ClaimRequest::default()).unwrap().unwrap();
+    stop::stop(&c, "ORCH-1", &StopOptions::operator(None, false)).unwrap();
+    drop(c);
+    let ctx = ctx(&env);
+    let m = metrics::collect(&ctx).unwrap();
+    assert_eq!(m.agents_running.iter().map(|(_, n)| n).sum::<i64>(), 1);
+    let sql = check_plans("metrics", &ctx);
+    for (fragment, index) in [
+        ("FROM job_counts", "job_counts"),
+        ("FROM task_counts", "task_counts"),
+        ("FROM outbox WHERE status = ?1", "outbox_status"),
+        (
+            "FROM jobs WHERE status = 'queued' ORDER BY id LIMIT 1",
+            "jobs_status_id",
+        ),
+        (
+            "FROM jobs WHERE status = 'running' GROUP BY agent",
+            "jobs_status_id",
+        ),
+        ("FROM merge_leases", "merge_leases"),
+        ("blocked", "tasks_live"),
+    ] {
+        let plan = plans_of(&ctx, &sql, fragment);
+        assert!(
+            plan.iter().any(|l| l.contains(index)),
+            "{fragment}: {plan:#?}"
+        );
+    }
+}
+
+#[test]
+fn prune_never_scans_a_table_it_does_not_prune() {
+    let env = world();
+    let c = env.ctx();
+    stop::stop(&c, "ORCH-4", &StopOptions::operator(None, false)).unwrap();
+    drop(c);
+    let ctx = ctx(&env);
+    for dry_run in [true, false] {
+        prune::prune(
+            &ctx,
+            prune::PruneOptions {
+                older_than_days: 0,
+                dry_run,
+            },
+        )
+        .unwrap();
+    }
+    // The pruned tables are walked by key from a cursor (each row read once over all
+    // batches); tasks and jobs are only ever looked up by key.
+    let sql = check_plans("prune", &ctx);
+    for (fragment, step) in [
+        (
+            "FROM plane_deliveries",
+            "USING INTEGER PRIMARY KEY (rowid>?)",
+        ),
+        (
+            "FROM outbox o CROSS JOIN tasks t",
+            "USING INTEGER PRIMARY KEY (rowid>?)",
+        ),
+        (
+            "FROM outbox o CROSS JOIN tasks t",
+            "SEARCH t USING INTEGER PRIMARY KEY (rowid=?)",
+        ),
+    ] {
+        let plan = plans_of(&ctx, &sql, fragment);
+        assert!(
+            plan.iter().any(|l| l.contains(step)),
+            "{fragment}: {plan:#?}"
+        );
+    }
 }

@@ -711,8 +711,7 @@ fn event_on_a_terminal_says_it_waits_for_a_body_on_stdin() {
     assert!(
         stderr
             .lines()
-            .next()
-            .is_some_and(|l| l.contains("waiting for a Plane delivery body on stdin")),
+            .any(|l| l.starts_with("orchctl: waiting for a Plane delivery body on stdin")),
         "{stderr}"
     );
     let (_, _, stderr) = env.run_stdin(&["event"], b"{}");

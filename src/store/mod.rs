@@ -8,7 +8,11 @@
 //! overwrite a newer truth. Timestamps and ids are produced here, never by callers.
 
 mod keys;
+mod metrics;
+mod prune;
 pub mod schema;
+
+pub use prune::RunEnd;
 
 use std::ops::Deref;
 use std::path::{Path, PathBuf};
@@ -110,6 +114,8 @@ pub struct Store {
     path: PathBuf,
     /// The schema version the file had when opened (before migrations).
     opened_version: i64,
+    /// Whether this open created the file (SPEC §15: a new database is announced).
+    created: bool,
     busy_timeout: Duration,
 }
 
@@ -125,6 +131,8 @@ impl Store {
             std::fs::create_dir_all(parent)
                 .with_context(|| format!("creating the folder {}", parent.display()))?;
         }
+        // Asked before SQLite creates it, so a mistyped path can be announced.
+        let created = matches!(path.try_exists(), Ok(false));
         let conn = Connection::open_with_flags(
             path,
             OpenFlags::SQLITE_OPEN_READ_WRITE
@@ -147,6 +155,7 @@ impl Store {
             conn,
             path: path.to_path_buf(),
             opened_version: 0,
+            created,
             busy_timeout: Duration::from_millis(busy_timeout_ms),
         };
         // Read the version before any pragma that could write, so a database from a newer
@@ -177,6 +186,11 @@ impl Store {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Whether the database file did not exist before this open (it was created).
+    pub fn created(&self) -> bool {
+        self.created
     }
 
     /// The schema version the file had before this process migrated it.

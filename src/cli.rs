@@ -265,7 +265,7 @@ pub struct TaskListArgs {
 // boolean (config::parse_bool): 1/0, true/false, on/off, yes/no in any case, empty = off,
 // anything else is exit 78 before anything is touched — a typo of "off" must never force a
 // STOP through a deploy window. [`command`] gives every switch with a variable that reading
-// (so a new switch needs nothing more than `env = "ORCH_..."`), and [`environment`] checks
+// (so a new switch needs nothing more than `env = "ORCH_..."`), and [`try_parse_from`] checks
 // every switch variable before the command line is parsed. They act on one invocation:
 // never put them in a shared environment file.
 //
@@ -472,27 +472,20 @@ impl TypedValueParser for Switch {
     }
 }
 
-/// Captures the environment (see [`Environment`]: an undecodable `ORCH_*` value is exit
-/// 78) and checks every switch variable of every command with the strict boolean reading,
-/// so a bad one is exit 78 naming it — before the command line is parsed and before any
-/// file is opened. Call it first; [`try_parse`] then reads the same, valid values.
-pub fn environment() -> anyhow::Result<Environment> {
-    let env = Environment::capture()?;
-    check_switch_variables(&env)?;
-    Ok(env)
+/// Exit 78 for the first switch variable in `env` that is not a boolean, checking every
+/// switch of every command (a typo in any of them is refused, whatever the command).
+pub fn check_switch_variables(env: &Environment) -> anyhow::Result<()> {
+    check_switches_of(&command(), env)
 }
 
-/// Exit 78 for the first switch variable in `env` that is not a boolean.
-pub fn check_switch_variables(env: &Environment) -> anyhow::Result<()> {
-    fn walk(cmd: &clap::Command, env: &Environment) -> anyhow::Result<()> {
-        for a in cmd.get_arguments().filter(|a| is_switch_variable(a)) {
-            if let Some(name) = a.get_env().and_then(OsStr::to_str) {
-                env.boolean(name, false)?;
-            }
+fn check_switches_of(cmd: &clap::Command, env: &Environment) -> anyhow::Result<()> {
+    for a in cmd.get_arguments().filter(|a| is_switch_variable(a)) {
+        if let Some(name) = a.get_env().and_then(OsStr::to_str) {
+            env.boolean(name, false)?;
         }
-        cmd.get_subcommands().try_for_each(|s| walk(s, env))
     }
-    walk(&command(), env)
+    cmd.get_subcommands()
+        .try_for_each(|s| check_switches_of(s, env))
 }
 
 /// The clap command, for parsing, man pages, completions and the CLI self-check.
@@ -552,22 +545,36 @@ fn ignore_empty_env(cmd: clap::Command, env: &Environment) -> clap::Command {
     cmd
 }
 
-/// Parses `args` (the program name first) with [`command`], in this process's environment
-/// (clap reads the flags' variables itself: [`environment`] has checked them first).
-pub fn try_parse_from<I, T>(args: I) -> Result<Cli, clap::Error>
+/// Why the command line gave no [`Cli`].
+#[derive(Debug)]
+pub enum ParseError {
+    /// A usage error, `--help` or `--version`: clap's to print (exit 2, or 0 for help).
+    Usage(clap::Error),
+    /// A switch variable that is no boolean (exit 78, see [`check_switch_variables`]).
+    Config(anyhow::Error),
+}
+
+/// Parses `args` (the program name first) with [`command`]. `env` is the captured
+/// environment (see [`Environment`]): every switch variable is checked in it first, so a
+/// bad one is exit 78 naming it before anything else happens; clap then reads the flags'
+/// variables itself, and finds them valid.
+pub fn try_parse_from<I, T>(args: I, env: &Environment) -> Result<Cli, ParseError>
 where
     I: IntoIterator<Item = T>,
     T: Into<OsString> + Clone,
 {
-    let env = Environment::capture().unwrap_or_default();
-    let mut cmd = ignore_empty_env(command(), &env);
-    let matches = cmd.try_get_matches_from_mut(args)?;
-    Cli::from_arg_matches(&matches).map_err(|e| e.format(&mut cmd))
+    let cmd = command();
+    check_switches_of(&cmd, env).map_err(ParseError::Config)?;
+    let mut cmd = ignore_empty_env(cmd, env);
+    let matches = cmd
+        .try_get_matches_from_mut(args)
+        .map_err(ParseError::Usage)?;
+    Cli::from_arg_matches(&matches).map_err(|e| ParseError::Usage(e.format(&mut cmd)))
 }
 
 /// Parses the process arguments.
-pub fn try_parse() -> Result<Cli, clap::Error> {
-    try_parse_from(std::env::args_os())
+pub fn try_parse(env: &Environment) -> Result<Cli, ParseError> {
+    try_parse_from(std::env::args_os(), env)
 }
 
 #[cfg(test)]

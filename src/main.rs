@@ -8,7 +8,7 @@ use anyhow::{Context, Result};
 use serde::Serialize;
 use serde_json::{json, Value};
 
-use orchctl::cli::{Cli, Command, DeployOutcomeArg, Format, TaskCommand};
+use orchctl::cli::{Cli, Command, DeployOutcomeArg, Format, ParseError, TaskCommand};
 use orchctl::config::{scrub_env, Environment};
 use orchctl::error::{self, ExitKind};
 use orchctl::{
@@ -138,15 +138,16 @@ fn text_width(env: &Environment) -> Option<usize> {
 }
 
 fn main() -> ExitCode {
-    // Every ORCH_* variable is read (and an undecodable value or a bad switch refused)
-    // before the command line is parsed, so clap only ever sees values that passed.
-    let environment = match orchctl::cli::environment() {
+    // Every ORCH_* variable is read (an undecodable value refused) and every switch
+    // variable checked before clap parses, so clap only ever sees values that passed.
+    let environment = match Environment::capture() {
         Ok(env) => env,
         Err(err) => return fail(&err),
     };
-    let cli = match orchctl::cli::try_parse() {
+    let cli = match orchctl::cli::try_parse(&environment) {
         Ok(c) => c,
-        Err(e) => {
+        Err(ParseError::Config(err)) => return fail(&err),
+        Err(ParseError::Usage(e)) => {
             use clap::error::ErrorKind;
             if !e.use_stderr() {
                 // --help and --version.

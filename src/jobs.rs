@@ -249,7 +249,9 @@ fn death(ctx: &Ctx, job: &Job, recover: bool) -> Result<Option<String>> {
 }
 
 /// Ends a dead run with an unknown outcome: `cancelled` when its task is terminal or has a
-/// STOP pending, else `queued` again while attempts remain, else `failed`.
+/// STOP pending, else `queued` again while attempts remain, else `failed`. `job` is the
+/// run as reap judged it: the write only lands while the job is still that run with that
+/// recorded process (a launcher may have recorded its agent since).
 pub fn reap_unknown_outcome(w: &Writer, job: &Job, reason: &str) -> Result<Option<String>> {
     let task = match job.task_id {
         Some(t) => w.task(t)?,
@@ -257,17 +259,11 @@ pub fn reap_unknown_outcome(w: &Writer, job: &Job, reason: &str) -> Result<Optio
     };
     let stopping = task.as_ref().is_some_and(Task::is_stopping);
     let (action, changed) = if stopping {
-        (
-            "cancelled",
-            w.finish_running(job.id, job.run_id, "cancelled", Some(reason))?,
-        )
+        ("cancelled", w.end_judged_run(job, "cancelled", reason)?)
     } else if job.attempts < job.max_attempts {
-        ("requeued", w.requeue_run(job.id, job.run_id, Some(reason))?)
+        ("requeued", w.requeue_judged_run(job, reason)?)
     } else {
-        (
-            "failed",
-            w.finish_running(job.id, job.run_id, "failed", Some(reason))?,
-        )
+        ("failed", w.end_judged_run(job, "failed", reason)?)
     };
     if !changed {
         return Ok(None);

@@ -225,7 +225,21 @@ fn emit(output: Output, format: Format, width: Option<usize>) -> ExitCode {
 fn run(cli: Cli, environment: &Environment) -> Result<Option<Output>> {
     let config = Config::from_environment(environment)?;
     let db = cli.db.unwrap_or_else(orchctl::default_db_path);
-    let ctx = Ctx::open(&db, config)?;
+    let ctx = match Ctx::open(&db, config.clone()) {
+        Ok(ctx) => ctx,
+        // SPEC §8: queue always prints and exits 0 — dashboards poll it — also when the
+        // database cannot be opened as usual (a full disk refuses the -wal/-shm files
+        // SQLite creates at open). A database newer than this binary stays exit 78.
+        Err(e) => match &cli.command {
+            Command::Queue(q) if error::exit_kind(&e) != ExitKind::Config => {
+                let (json, warning) = queue::snapshot_despite(&db, &config, q.recent, &e);
+                let mut o = laid_out(&json, render::queue)?;
+                o.warning = Some(warning);
+                return Ok(Some(o));
+            }
+            _ => return Err(e),
+        },
+    };
     if ctx.store.created() {
         // A mistyped ORCH_DB_PATH must not go unnoticed as an empty pipeline.
         eprintln!(

@@ -17,7 +17,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use crate::config::Config;
-use crate::integrations::{git, gitea, notify, plane, process, EffectError};
+use crate::integrations::git::{self, GitClone};
+use crate::integrations::{gitea, notify, plane, process, EffectError};
 use crate::model::OutboxRow;
 use crate::names;
 use crate::store::{EffectEnd, Writer};
@@ -36,8 +37,16 @@ pub enum Effect {
     },
     /// Remove the branch's worktree and local branch from the clone.
     RemoveWorktree { repo: String, branch: String },
-    /// Delete the branch on the remote (Gitea API, else `git push --delete`).
-    DeleteRemoteBranch { repo: String, branch: String },
+    /// Delete the branch on the remote (Gitea API, else `git push --delete`). `commit` is
+    /// what the branch pointed at when the deletion was decided, when this host's clone
+    /// knew it: only that is deleted, never what was pushed to the branch since (a fresh
+    /// pipeline of the same work item reuses the branch name).
+    DeleteRemoteBranch {
+        repo: String,
+        branch: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        commit: Option<String>,
+    },
     /// A comment on the task's Plane issue.
     PlaneComment {
         project_id: Option<String>,
@@ -199,6 +208,8 @@ struct Ending<'r> {
     row: &'r OutboxRow,
     end: EffectEnd,
     attempt: i64,
+    /// Task log entries of what the run did besides its result (stale locks removed).
+    notes: Vec<(&'static str, Value)>,
 }
 
 impl Ending<'_> {
@@ -211,6 +222,11 @@ impl Ending<'_> {
     }
 
     fn write(&self, w: &Writer, me: (i64, i64)) -> Result<()> {
+        for (kind, detail) in &self.notes {
+            let mut detail = detail.clone();
+            detail["outbox_id"] = json!(self.row.id);
+            w.event(self.row.task_id, kind, &detail)?;
+        }
         if w.finish_effect(self.row.id, me, &self.end)? {
             let (status, result, error) = self.status();
             log_end(
@@ -303,8 +319,11 @@ pub fn run_rows(ctx: &Ctx, rows: &[OutboxRow]) -> Result<Vec<EffectReport>> {
             }
         }
         let attempt = row.attempts + 1;
+        let mut notes = Vec::new();
         let (end, detail) = match Effect::parse(&row.kind, &row.payload) {
-            Ok(effect) => match execute(&ctx.config, row, &effect) {
+            Ok(effect) => match owner_refusal(ctx, row, &effect)
+                .and_then(|()| execute(&ctx.config, row, &effect, &mut notes))
+            {
                 Ok((result, detail)) => (EffectEnd::Done { result }, detail),
                 Err(e) => (end_for(&ctx.config, e, attempt), None),
             },
@@ -315,7 +334,12 @@ pub fn run_rows(ctx: &Ctx, rows: &[OutboxRow]) -> Result<Vec<EffectReport>> {
                 None,
             ),
         };
-        let e = Ending { row, end, attempt };
+        let e = Ending {
+            row,
+            end,
+            attempt,
+            notes,
+        };
         let (status, result, error) = e.status();
         out.push(report(row, status, result, error, detail));
         ending = Some(e);
@@ -372,11 +396,14 @@ fn log_end(
     w.event(row.task_id, &row.kind, &detail)
 }
 
-/// The longest an effect may take before its claim may be taken over by another process.
+/// The longest an effect may take before its claim may be taken over by another process:
+/// an agent's grace and SIGKILL wait, a worktree removal's git calls (opening the clone,
+/// its default branch, list, remove, prune, show-ref, branch -D), and a branch deletion's
+/// three Gitea requests.
 fn lease_secs(c: &Config) -> i64 {
     (c.stop_grace.as_secs_f64()
         + 5.0
-        + 4.0 * c.git_timeout.as_secs_f64()
+        + 8.0 * c.git_timeout.as_secs_f64()
         + 3.0 * c.http_timeout.as_secs_f64())
     .ceil() as i64
         + 30
@@ -406,34 +433,100 @@ fn clone_dir(c: &Config, repo: &str) -> PathBuf {
     c.repos_dir.join(repo)
 }
 
-/// Why `branch` of `repo` must never be deleted, if it must not.
-pub fn protected_reason(c: &Config, repo: &str, branch: &str) -> Option<String> {
+/// Why `branch` must never be deleted whatever its repo's default branch is: `main`,
+/// `master`, or a name matching `ORCH_PROTECTED_BRANCHES`.
+fn protected_name(c: &Config, branch: &str) -> Option<String> {
     if branch == "main" || branch == "master" {
         return Some(format!("{branch} is never deleted"));
     }
-    if let Some(p) = c
-        .protected_branches
+    c.protected_branches
         .iter()
         .find(|p| names::glob_match(p, branch))
-    {
-        return Some(format!(
-            "{branch} matches ORCH_PROTECTED_BRANCHES pattern {p:?}"
-        ));
+        .map(|p| format!("{branch} matches ORCH_PROTECTED_BRANCHES pattern {p:?}"))
+}
+
+/// Why `branch` of `repo` must not be deleted, or an error when that cannot be known: the
+/// protected names, and the repo's default branch — from this host's clone, else from
+/// Gitea. A default branch that cannot be established (Gitea unreachable, an answer
+/// without one, no clone and no Gitea) stops the deletion: it is never guessed. A repo
+/// Gitea does not have (404) has no default branch to protect, and nothing of it can be
+/// deleted either: the deletion goes on and Gitea answers it as gone.
+fn refusal(
+    c: &Config,
+    repo: &str,
+    branch: &str,
+    clone: Option<&GitClone>,
+) -> Result<Option<String>, EffectError> {
+    if let Some(why) = protected_name(c, branch) {
+        return Ok(Some(why));
     }
-    let clone = clone_dir(c, repo);
-    if clone.is_dir() {
-        if let Some(default) = git::default_branch(&clone, c.git_timeout) {
-            if default == branch {
-                return Some(format!("{branch} is the default branch of {repo}"));
-            }
+    let default = match (clone.and_then(GitClone::default_branch), &c.gitea) {
+        (Some(d), _) => Some(d),
+        (None, Some(g)) => gitea::GiteaClient::new(g, c.http_timeout).default_branch(repo)?,
+        (None, None) => {
+            return Err(EffectError::permanent(format!(
+                "refused: the default branch of {repo} cannot be established (no clone knows it and no Gitea is configured to ask)"
+            )))
+        }
+    };
+    Ok((default.as_deref() == Some(branch))
+        .then(|| format!("{branch} is the default branch of {repo}")))
+}
+
+/// A worktree removal or branch deletion acts on what it was written for: once a live
+/// task (a fresh pipeline of the same work item, say) has the same branch, it is that
+/// task's, and the older task's cleanup leaves it alone.
+fn owner_refusal(ctx: &Ctx, row: &OutboxRow, effect: &Effect) -> Result<(), EffectError> {
+    let (Effect::RemoveWorktree { repo, branch } | Effect::DeleteRemoteBranch { repo, branch, .. }) =
+        effect
+    else {
+        return Ok(());
+    };
+    let owner = ctx
+        .store
+        .read(|r| r.live_task_on_branch(repo, branch, row.task_id))
+        .map_err(|e| EffectError::retry(format!("{e:#}")))?;
+    match owner {
+        Some(t) => Err(EffectError::permanent(format!(
+            "refused: branch {branch} of {repo} belongs to live task {t} now; left alone"
+        ))),
+        None => Ok(()),
+    }
+}
+
+/// Opens the clone of `repo` for a git effect, first removing lock files a killed git left
+/// behind for `branch` (each one is written to the task's log).
+fn open_clone(
+    c: &Config,
+    repo: &str,
+    branch: &str,
+    notes: &mut Vec<(&'static str, Value)>,
+) -> Result<Option<GitClone>, EffectError> {
+    let clone = GitClone::open(&clone_dir(c, repo), c.git_timeout)?;
+    if let Some(cl) = &clone {
+        for lock in cl.recover_stale_locks(branch) {
+            notes.push((
+                "git_lock_recovered",
+                json!({
+                    "repo": repo,
+                    "lock": lock.path,
+                    "age_secs": lock.age_secs,
+                    "why": "no process holds it and it is older than ORCH_GIT_TIMEOUT_SECS: left by a git that was killed",
+                }),
+            ));
         }
     }
-    None
+    Ok(clone)
 }
 
 type Executed = Result<(String, Option<Value>), EffectError>;
 
-fn execute(c: &Config, row: &OutboxRow, effect: &Effect) -> Executed {
+fn execute(
+    c: &Config,
+    row: &OutboxRow,
+    effect: &Effect,
+    notes: &mut Vec<(&'static str, Value)>,
+) -> Executed {
     match effect {
         Effect::StopProcess {
             pid, proc_start, ..
@@ -467,17 +560,19 @@ fn execute(c: &Config, row: &OutboxRow, effect: &Effect) -> Executed {
         }
         Effect::RemoveWorktree { repo, branch } => {
             check_names(repo, branch)?;
-            let clone = clone_dir(c, repo);
-            if !clone.is_dir() {
+            let Some(clone) = open_clone(c, repo, branch, notes)? else {
                 return Ok((
-                    format!("no clone at {}: nothing to remove", clone.display()),
+                    format!(
+                        "no clone at {}: nothing to remove",
+                        clone_dir(c, repo).display()
+                    ),
                     None,
                 ));
-            }
-            if let Some(why) = protected_reason(c, repo, branch) {
+            };
+            if let Some(why) = refusal(c, repo, branch, Some(&clone))? {
                 return Err(EffectError::permanent(format!("refused: {why}")));
             }
-            let r = git::remove_worktree(&clone, branch, true, c.git_timeout)?;
+            let r = clone.remove_worktree(branch, true)?;
             Ok((
                 format!(
                     "removed {} worktree(s){}",
@@ -491,29 +586,64 @@ fn execute(c: &Config, row: &OutboxRow, effect: &Effect) -> Executed {
                 Some(json!({ "removed": r.removed, "branch_deleted": r.branch_deleted })),
             ))
         }
-        Effect::DeleteRemoteBranch { repo, branch } => {
+        Effect::DeleteRemoteBranch {
+            repo,
+            branch,
+            commit,
+        } => {
             check_names(repo, branch)?;
-            if let Some(why) = protected_reason(c, repo, branch) {
+            // Names that are never deleted are refused before anything else is asked.
+            if let Some(why) = protected_name(c, branch) {
                 return Err(EffectError::permanent(format!("refused: {why}")));
             }
+            let clone = match open_clone(c, repo, branch, notes) {
+                Ok(cl) => cl,
+                // Gitea does not need the clone: a broken one only cannot be asked.
+                Err(_) if c.gitea.is_some() => None,
+                Err(e) => return Err(e),
+            };
+            let cannot = || {
+                EffectError::permanent(format!(
+                    "cannot be attempted: no Gitea is configured (ORCH_GITEA_URL) and there is no clone at {} to push from",
+                    clone_dir(c, repo).display()
+                ))
+            };
+            if c.gitea.is_none() && clone.is_none() {
+                return Err(cannot());
+            }
+            if let Some(why) = refusal(c, repo, branch, clone.as_ref())? {
+                return Err(EffectError::permanent(format!("refused: {why}")));
+            }
+            let moved = |now: &str, then: &str| {
+                EffectError::permanent(format!(
+                    "refused: {branch} of {repo} points at {now} now, not at {then} as when it was to be deleted; left alone"
+                ))
+            };
             if let Some(g) = &c.gitea {
-                return match gitea::delete_branch(g, c.http_timeout, repo, branch)? {
+                let client = gitea::GiteaClient::new(g, c.http_timeout);
+                // A branch Gitea does not show (404) cannot have moved: the DELETE below
+                // then answers for it (404, gone).
+                if let Some(then) = commit {
+                    if let Some(now) = client.branch_commit(repo, branch)? {
+                        if &now != then {
+                            return Err(moved(&now, then));
+                        }
+                    }
+                }
+                return match client.delete_branch(repo, branch)? {
                     gitea::BranchDeletion::Deleted => Ok(("deleted on Gitea".into(), None)),
                     gitea::BranchDeletion::AlreadyGone => {
                         Ok(("already gone on Gitea".into(), None))
                     }
                 };
             }
-            let clone = clone_dir(c, repo);
-            if !clone.is_dir() {
-                return Ok((
-                    format!("skipped: no clone at {} to push from", clone.display()),
-                    None,
-                ));
-            }
-            match git::push_delete(&clone, "origin", branch, c.git_timeout) {
-                Ok(true) => Ok(("deleted on origin".into(), None)),
-                Ok(false) => Ok(("already gone on origin".into(), None)),
+            let clone = clone.ok_or_else(cannot)?;
+            match clone.push_delete("origin", branch, commit.as_deref()) {
+                Ok(git::PushDeletion::Deleted) => Ok(("deleted on origin".into(), None)),
+                Ok(git::PushDeletion::AlreadyGone) => Ok(("already gone on origin".into(), None)),
+                Ok(git::PushDeletion::Moved(now)) => {
+                    Err(moved(&now, commit.as_deref().unwrap_or_default()))
+                }
                 Err(e) => Err(EffectError::retry(format!("{e:#}"))),
             }
         }
@@ -608,6 +738,12 @@ mod kind_tests {
             Effect::DeleteRemoteBranch {
                 repo: "r".into(),
                 branch: "b".into(),
+                commit: None,
+            },
+            Effect::DeleteRemoteBranch {
+                repo: "r".into(),
+                branch: "b".into(),
+                commit: Some("0123456789abcdef0123456789abcdef01234567".into()),
             },
             Effect::plane_comment(None, None, "<hi>"),
             Effect::Notify { event: json!({}) },

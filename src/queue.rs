@@ -9,10 +9,13 @@
 //! from the outbox's partial index), so the cost does not grow with the history.
 //! Read-only: it never writes, and it never fails as a whole.
 
+use std::path::Path;
+
 use anyhow::Result;
 use serde_json::{json, Map, Value};
 
-use crate::store::Reader;
+use crate::config::Config;
+use crate::store::{Reader, Store};
 use crate::Ctx;
 
 const JOB_STATUSES: [&str; 5] = ["queued", "running", "done", "failed", "cancelled"];
@@ -142,4 +145,50 @@ pub fn snapshot(ctx: &Ctx, recent: i64) -> Value {
         })
         .ok();
     Value::Object(out)
+}
+
+/// The snapshot when the database could not be opened normally (`why`): read from the
+/// database file alone when that is the whole committed state, else every block in its
+/// minimal form with the error. Returns the snapshot and a warning for stderr.
+pub fn snapshot_despite(
+    db: &Path,
+    config: &Config,
+    recent: i64,
+    why: &anyhow::Error,
+) -> (Value, String) {
+    match Store::open_immutable(db) {
+        Ok(store) => {
+            let ctx = Ctx {
+                store,
+                config: config.clone(),
+            };
+            let warning = format!(
+                "the database could not be opened for writing ({why:#}); this snapshot was read from {} alone, which holds every committed change",
+                db.display()
+            );
+            (snapshot(&ctx, recent), warning)
+        }
+        Err(e) => {
+            let error = format!("{why:#}; reading it without new files: {e:#}");
+            let mut out = match Store::open_empty() {
+                Ok(store) => snapshot(
+                    &Ctx {
+                        store,
+                        config: config.clone(),
+                    },
+                    recent,
+                ),
+                Err(_) => Value::Object(Map::new()),
+            };
+            if let Value::Object(blocks) = &mut out {
+                for block in blocks.values_mut() {
+                    if let Value::Object(b) = block {
+                        b.insert("error".into(), json!(error));
+                    }
+                }
+                blocks.insert("errors".into(), json!({ "recent": error }));
+            }
+            (out, format!("the database could not be read: {error}"))
+        }
+    }
 }

@@ -295,6 +295,13 @@ pub fn full_reset_tx(
         effects.push(Effect::DeleteRemoteBranch {
             repo: task.repo.clone(),
             branch: branch.clone(),
+            // What the branch points at now, so a retry never deletes later pushes.
+            commit: crate::names::validate_repo(&task.repo).ok().and_then(|()| {
+                crate::integrations::git::recorded_commit(
+                    &config.repos_dir.join(&task.repo),
+                    branch,
+                )
+            }),
         });
     }
     for e in &effects {

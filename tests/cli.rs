@@ -416,7 +416,7 @@ jobs         2 queued, 0 running, 1 done, 0 failed, 1 cancelled
 serial gate  on, 1 merge lease(s) held
 task deps    on, 1 task(s) waiting on others
 auto labels  off
-outbox       0 pending, 1 failed
+outbox       0 pending, 2 failed
 stop         on (all repos), 1 cancelled, 1 deferred pending
 
 merge leases:
@@ -437,6 +437,7 @@ recent jobs:
 open side effects:
   ID  TASK  SIDE EFFECT           STATUS  TRIES  NEXT TRY  LAST ERROR
   5   4     delete_remote_branch  failed  10     -         Gitea answered 403: branch is protected
+  3   4     delete_remote_branch  failed  1      -         cannot be attempted: no Gitea is configured (ORCH_GITEA_URL) and there is no clone at <tmp>/repos/demo to push from
 
 recent stops:
   TASK  WORK ITEM           REPO  CANCELLED             REASON
@@ -468,7 +469,7 @@ YYYY-MM-DDThh:mm:ssZ  created               branch=feature/DEMO-4-dropped source
 YYYY-MM-DDThh:mm:ssZ  job_queued            agent=analyst job_id=4
 YYYY-MM-DDThh:mm:ssZ  cancelled             effects=[remove_worktree, delete_remote_branch] forced=no jobs_cancelled=[4] lease_released=no marker_cleared=no reason=not needed source=operator
 YYYY-MM-DDThh:mm:ssZ  remove_worktree       attempts=1 outbox_id=2 result=no clone at <tmp>/repos/demo: nothing to remove status=done
-YYYY-MM-DDThh:mm:ssZ  delete_remote_branch  attempts=1 outbox_id=3 result=skipped: no clone at <tmp>/repos/demo to push from status=done
+YYYY-MM-DDThh:mm:ssZ  delete_remote_branch  attempts=1 error=cannot be attempted: no Gitea is configured (ORCH_GITEA_URL) and there is no clone at <tmp>/repos/demo to push from outbox_id=3 status=failed
 YYYY-MM-DDThh:mm:ssZ  plane_comment         attempts=1 outbox_id=4 result=skipped: Plane not configured status=done
 "
     );

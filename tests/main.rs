@@ -8,6 +8,7 @@ mod hostile;
 mod lifecycle;
 mod ops;
 mod plans;
+mod probe;
 mod queue;
 mod reliability;
 mod secrets;

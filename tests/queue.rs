@@ -264,15 +264,27 @@ fn tc09_queue_carries_every_block_with_typed_values() {
     assert_eq!((first.attempts, first.max_attempts), (1, 2));
     assert_eq!(q.recent[0].status, "cancelled");
 
-    assert_eq!((q.outbox.pending, q.outbox.failed), (0, 1));
+    // Task 4's own branch deletion could not even be attempted (no Gitea, no clone):
+    // failed with that reason (SPEC §4), next to the seeded 403.
+    assert_eq!((q.outbox.pending, q.outbox.failed), (0, 2));
     assert!(q.outbox.error.is_none());
-    assert_eq!(q.outbox.items.len(), 1);
+    assert_eq!(q.outbox.items.len(), 2);
     let e = &q.outbox.items[0];
     assert_eq!(
         (e.task_id, e.kind.as_str(), e.status.as_str(), e.attempts),
         (Some(4), "delete_remote_branch", "failed", 10)
     );
     assert!(e.id > 0 && e.last_error.as_deref().unwrap().contains("403"));
+    let e = &q.outbox.items[1];
+    assert_eq!(
+        (e.task_id, e.kind.as_str(), e.status.as_str(), e.attempts),
+        (Some(4), "delete_remote_branch", "failed", 1)
+    );
+    assert!(e
+        .last_error
+        .as_deref()
+        .unwrap()
+        .starts_with("cannot be attempted"));
 
     assert!(q.stop.enabled && q.stop.error.is_none());
     assert!(q.stop.repos.is_empty());

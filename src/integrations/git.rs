@@ -1,23 +1,34 @@
 //! git, run as a child process with an argument vector (never a shell), a time limit and
 //! no terminal prompts (SPEC §4 "Worktree removal", the `git push --delete` fallback).
 //!
-//! The main working tree of a clone is never removed; "already gone" is success.
+//! Every call is pinned to the clone it is meant for. git finds its repository by walking
+//! up from the working directory, so a clone whose `.git` is broken (an interrupted clone
+//! leaves an empty folder) inside a folder that is itself in a repository would have git
+//! act on *that* repository: remove its worktrees, delete its branches and push deletions
+//! to its origin. [`GitClone::open`] therefore asks git, with the walk stopped at the
+//! clone (`GIT_CEILING_DIRECTORIES`), which repository the clone is, and refuses unless
+//! its top level is the clone itself; every later call names that repository explicitly
+//! (`--git-dir`, `--work-tree`).
+//!
+//! The main working tree of a clone is never removed; "already gone" is success. A lock
+//! file left by a git that was killed (`refs/heads/<branch>.lock`, `packed-refs.lock`)
+//! would fail every later ref update of the clone with "File exists"; such a lock is
+//! removed once no process holds it open and it is older than the git time limit (a git
+//! orchctl runs never lives longer) — never one a running git may still own.
 //! Callers validate repo and branch names first (see `names`).
 
 use std::collections::HashMap;
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use anyhow::{bail, Result};
 
 use super::process::{run_limited, ChildOutput};
 use super::EffectError;
 
-fn git(clone: &Path, args: &[&str], limit: Duration) -> Result<ChildOutput> {
-    let mut argv: Vec<OsString> = vec!["-C".into(), clone.as_os_str().to_owned()];
-    argv.extend(args.iter().map(OsString::from));
-    let env: HashMap<String, String> = [
+fn base_env() -> HashMap<String, String> {
+    [
         ("GIT_TERMINAL_PROMPT", "0"),
         ("GIT_ASKPASS", "true"),
         ("SSH_ASKPASS", "true"),
@@ -25,16 +36,365 @@ fn git(clone: &Path, args: &[&str], limit: Duration) -> Result<ChildOutput> {
     ]
     .into_iter()
     .map(|(k, v)| (k.to_string(), v.to_string()))
-    .collect();
-    run_limited("git", &argv, None, &env, None, limit)
+    .collect()
 }
 
-fn git_ok(clone: &Path, args: &[&str], limit: Duration) -> Result<ChildOutput> {
-    let out = git(clone, args, limit)?;
-    if !out.status.success() {
-        bail!("git {} failed: {}", args.join(" "), out.stderr.trim());
+/// A clone at `$ORCH_REPOS_DIR/<repo>` that git has confirmed is a repository of its own.
+#[derive(Debug, Clone)]
+pub struct GitClone {
+    /// The clone's folder, canonical: its main working tree.
+    dir: PathBuf,
+    /// Its git directory, absolute, as git reported it.
+    git_dir: PathBuf,
+    limit: Duration,
+}
+
+impl GitClone {
+    /// The clone at `dir`: `Ok(None)` when there is no such folder; a permanent error when
+    /// the folder is not the top level of a git repository of its own (git would act on
+    /// another one), a retryable one when git could not be asked.
+    pub fn open(dir: &Path, limit: Duration) -> Result<Option<GitClone>, EffectError> {
+        if !dir.exists() {
+            return Ok(None);
+        }
+        let refuse = |why: String| {
+            EffectError::permanent(format!(
+                "refused: {} is not a git clone of its own ({why}); no git command was run in it",
+                dir.display()
+            ))
+        };
+        let canonical = dir
+            .canonicalize()
+            .map_err(|e| EffectError::retry(format!("reading {}: {e}", dir.display())))?;
+        if !canonical.is_dir() {
+            return Err(refuse("not a folder".into()));
+        }
+        if std::fs::symlink_metadata(canonical.join(".git")).is_err() {
+            return Err(refuse("it has no .git".into()));
+        }
+        let mut env = base_env();
+        if let Some(parent) = canonical.parent() {
+            env.insert(
+                "GIT_CEILING_DIRECTORIES".into(),
+                parent.to_string_lossy().into_owned(),
+            );
+        }
+        let args: Vec<OsString> = ["rev-parse", "--show-toplevel", "--absolute-git-dir"]
+            .iter()
+            .map(OsString::from)
+            .collect();
+        let out = run_limited("git", &args, Some(&canonical), &env, None, limit)
+            .map_err(|e| EffectError::retry(format!("{e:#}")))?;
+        if !out.status.success() {
+            return Err(refuse(format!("git: {}", out.stderr.trim())));
+        }
+        let mut lines = out.stdout.lines();
+        let (Some(top), Some(git_dir)) = (lines.next(), lines.next()) else {
+            return Err(refuse(format!(
+                "git rev-parse said {:?}",
+                out.stdout.trim()
+            )));
+        };
+        let top = Path::new(top).canonicalize().unwrap_or_else(|_| top.into());
+        if top != canonical {
+            return Err(refuse(format!(
+                "git resolves it to the repository at {}",
+                top.display()
+            )));
+        }
+        // Canonical, so lock paths compare equal to what /proc shows of open files.
+        let git_dir = Path::new(git_dir)
+            .canonicalize()
+            .unwrap_or_else(|_| git_dir.into());
+        Ok(Some(GitClone {
+            dir: canonical,
+            git_dir,
+            limit,
+        }))
     }
-    Ok(out)
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn git(&self, args: &[&str]) -> Result<ChildOutput> {
+        let mut argv: Vec<OsString> = Vec::with_capacity(args.len() + 2);
+        let mut git_dir = OsString::from("--git-dir=");
+        git_dir.push(&self.git_dir);
+        let mut work_tree = OsString::from("--work-tree=");
+        work_tree.push(&self.dir);
+        argv.push(git_dir);
+        argv.push(work_tree);
+        argv.extend(args.iter().map(OsString::from));
+        let mut env = base_env();
+        if let Some(parent) = self.dir.parent() {
+            env.insert(
+                "GIT_CEILING_DIRECTORIES".into(),
+                parent.to_string_lossy().into_owned(),
+            );
+        }
+        run_limited("git", &argv, Some(&self.dir), &env, None, self.limit)
+    }
+
+    fn git_ok(&self, args: &[&str]) -> Result<ChildOutput> {
+        let out = self.git(args)?;
+        if !out.status.success() {
+            bail!("git {} failed: {}", args.join(" "), out.stderr.trim());
+        }
+        Ok(out)
+    }
+
+    pub fn worktrees(&self) -> Result<Vec<Worktree>> {
+        let out = self.git_ok(&["worktree", "list", "--porcelain"])?;
+        Ok(parse_worktrees(&out.stdout))
+    }
+
+    /// Removes every linked worktree that has `refs/heads/<branch>` checked out, prunes,
+    /// and deletes the local branch (unless `delete_branch` is false: a protected name). A
+    /// main working tree holding the branch is a permanent refusal; git failures are
+    /// retryable.
+    pub fn remove_worktree(
+        &self,
+        branch: &str,
+        delete_branch: bool,
+    ) -> Result<WorktreeRemoval, EffectError> {
+        let retry = |e: anyhow::Error| EffectError::retry(format!("{e:#}"));
+        let full = format!("refs/heads/{branch}");
+        let trees = self.worktrees().map_err(retry)?;
+        if trees
+            .iter()
+            .any(|w| w.is_main && w.branch.as_deref() == Some(full.as_str()))
+        {
+            return Err(EffectError::permanent(format!(
+                "refused: the main working tree of {} has {branch} checked out and is never removed",
+                self.dir.display()
+            )));
+        }
+        let mut removed = Vec::new();
+        for w in trees
+            .iter()
+            .filter(|w| !w.is_main && w.branch.as_deref() == Some(full.as_str()))
+        {
+            let path = w.path.to_string_lossy().into_owned();
+            let out = self
+                .git(&["worktree", "remove", "--force", &path])
+                .map_err(retry)?;
+            // A folder deleted by hand leaves a stale entry that prune clears below.
+            if !out.status.success() && w.path.exists() {
+                return Err(EffectError::retry(format!(
+                    "git worktree remove {path} failed: {}",
+                    out.stderr.trim()
+                )));
+            }
+            removed.push(w.path.clone());
+        }
+        self.git_ok(&["worktree", "prune"]).map_err(retry)?;
+        let mut branch_deleted = false;
+        if delete_branch {
+            let exists = self
+                .git(&["show-ref", "--verify", "--quiet", &full])
+                .map_err(retry)?
+                .status
+                .success();
+            if exists {
+                self.git_ok(&["branch", "-D", "--", branch])
+                    .map_err(retry)?;
+                branch_deleted = true;
+            }
+        }
+        Ok(WorktreeRemoval {
+            removed,
+            branch_deleted,
+        })
+    }
+
+    /// The clone's default branch: `origin/HEAD` when known, else the branch checked out in
+    /// the main working tree.
+    pub fn default_branch(&self) -> Option<String> {
+        let answer = |args: &[&str]| {
+            self.git(args)
+                .ok()
+                .filter(|o| o.status.success())
+                .map(|o| o.stdout.trim().to_string())
+                .filter(|s| !s.is_empty())
+        };
+        let remote = answer(&[
+            "symbolic-ref",
+            "--quiet",
+            "--short",
+            "refs/remotes/origin/HEAD",
+        ]);
+        if let Some(r) = remote.and_then(|r| r.strip_prefix("origin/").map(String::from)) {
+            return Some(r);
+        }
+        answer(&["symbolic-ref", "--quiet", "--short", "HEAD"])
+    }
+
+    /// `git push <remote> --delete <branch>`. With `expect`, the deletion only happens
+    /// while the remote branch still points at that commit (`--force-with-lease`): a branch
+    /// that was pushed to since is left alone ([`PushDeletion::Moved`]).
+    pub fn push_delete(
+        &self,
+        remote: &str,
+        branch: &str,
+        expect: Option<&str>,
+    ) -> Result<PushDeletion> {
+        let refspec = format!("refs/heads/{branch}");
+        let lease = expect.map(|sha| format!("--force-with-lease={refspec}:{sha}"));
+        let mut args = vec!["push"];
+        if let Some(l) = &lease {
+            args.push(l);
+        }
+        args.extend([remote, "--delete", &refspec]);
+        let out = self.git(&args)?;
+        if out.status.success() {
+            return Ok(PushDeletion::Deleted);
+        }
+        if out.stderr.contains("remote ref does not exist") {
+            return Ok(PushDeletion::AlreadyGone);
+        }
+        if lease.is_some() && out.stderr.contains("stale info") {
+            // The lease failed: the branch is gone, or it points elsewhere now.
+            let now = self.git_ok(&["ls-remote", remote, &refspec])?;
+            return Ok(match now.stdout.split_whitespace().next() {
+                None => PushDeletion::AlreadyGone,
+                Some(sha) => PushDeletion::Moved(sha.to_string()),
+            });
+        }
+        bail!(
+            "git push {remote} --delete {branch} failed: {}",
+            out.stderr.trim()
+        )
+    }
+
+    /// Removes the lock files of the refs a worktree removal or a branch deletion of
+    /// `branch` updates, when they are stale: no live process holds them open and they are
+    /// older than the git time limit. Returns what was removed, with its age.
+    pub fn recover_stale_locks(&self, branch: &str) -> Vec<StaleLock> {
+        let locks = [
+            format!("refs/heads/{branch}.lock"),
+            format!("refs/remotes/origin/{branch}.lock"),
+            "packed-refs.lock".to_string(),
+        ];
+        let mut removed = Vec::new();
+        for rel in locks {
+            let path = self.git_dir.join(&rel);
+            let Some((age, identity)) = stale_age(&path, self.limit) else {
+                continue;
+            };
+            if held_open(&path) {
+                continue;
+            }
+            if remove_if_same(&path, identity) {
+                removed.push(StaleLock {
+                    path,
+                    age_secs: age.as_secs(),
+                });
+            }
+        }
+        removed
+    }
+}
+
+/// A lock file removed by [`GitClone::recover_stale_locks`].
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct StaleLock {
+    pub path: PathBuf,
+    pub age_secs: u64,
+}
+
+/// How old the regular file at `path` is and which file it is (device, inode), when it
+/// exists and is older than `limit`.
+fn stale_age(path: &Path, limit: Duration) -> Option<(Duration, (u64, u64))> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::symlink_metadata(path).ok()?;
+    let age = SystemTime::now()
+        .duration_since(meta.modified().ok()?)
+        .unwrap_or_default();
+    (meta.file_type().is_file() && age > limit).then_some((age, (meta.dev(), meta.ino())))
+}
+
+/// Whether any process this user can see has `path` open (`/proc/<pid>/fd`).
+fn held_open(path: &Path) -> bool {
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        // Without /proc nothing can be proven free: treat the lock as held.
+        return true;
+    };
+    for p in procs.flatten() {
+        if !p
+            .file_name()
+            .to_string_lossy()
+            .bytes()
+            .all(|b| b.is_ascii_digit())
+        {
+            continue;
+        }
+        let Ok(fds) = std::fs::read_dir(p.path().join("fd")) else {
+            continue;
+        };
+        if fds
+            .flatten()
+            .any(|fd| std::fs::read_link(fd.path()).is_ok_and(|target| target == path))
+        {
+            return true;
+        }
+    }
+    false
+}
+
+/// Removes `path` unless it was replaced since it was judged: a new lock of a new git is
+/// another file.
+fn remove_if_same(path: &Path, judged: (u64, u64)) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::symlink_metadata(path).is_ok_and(|now| (now.dev(), now.ino()) == judged)
+        && std::fs::remove_file(path).is_ok()
+}
+
+/// How a push deletion ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PushDeletion {
+    Deleted,
+    AlreadyGone,
+    /// The remote branch points at this commit, not the expected one: left alone.
+    Moved(String),
+}
+
+/// The commit `branch` pointed at as far as the clone at `dir` knows, read from its ref
+/// files without running git (this runs inside STOP's transaction): the remote-tracking
+/// `refs/remotes/origin/<branch>` (what the agent last pushed from this clone), else the
+/// local branch. `None` when the clone, the branch or a loose/packed ref is not there (a
+/// reftable repository, say): the deletion then goes by the branch's name alone.
+pub fn recorded_commit(dir: &Path, branch: &str) -> Option<String> {
+    if crate::names::branch_problem(branch).is_some() {
+        return None;
+    }
+    let git_dir = dir.join(".git");
+    if !git_dir.join("HEAD").is_file() {
+        return None;
+    }
+    let packed = std::fs::read_to_string(git_dir.join("packed-refs")).unwrap_or_default();
+    [
+        format!("refs/remotes/origin/{branch}"),
+        format!("refs/heads/{branch}"),
+    ]
+    .iter()
+    .find_map(|name| {
+        let loose = std::fs::read_to_string(git_dir.join(name))
+            .ok()
+            .map(|t| t.trim().to_string());
+        loose
+            .or_else(|| {
+                packed.lines().find_map(|l| {
+                    let (sha, r) = l.split_once(' ')?;
+                    (r.trim() == name).then(|| sha.to_string())
+                })
+            })
+            .filter(|sha| is_object_id(sha))
+    })
+}
+
+fn is_object_id(s: &str) -> bool {
+    matches!(s.len(), 40 | 64) && s.bytes().all(|b| b.is_ascii_hexdigit())
 }
 
 /// One entry of `git worktree list --porcelain`.
@@ -70,11 +430,6 @@ pub fn parse_worktrees(porcelain: &str) -> Vec<Worktree> {
     out
 }
 
-pub fn worktrees(clone: &Path, limit: Duration) -> Result<Vec<Worktree>> {
-    let out = git_ok(clone, &["worktree", "list", "--porcelain"], limit)?;
-    Ok(parse_worktrees(&out.stdout))
-}
-
 /// What worktree removal did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WorktreeRemoval {
@@ -82,110 +437,31 @@ pub struct WorktreeRemoval {
     pub branch_deleted: bool,
 }
 
-/// Removes every linked worktree that has `refs/heads/<branch>` checked out, prunes, and
-/// deletes the local branch (unless `delete_branch` is false: a protected name). A main
-/// working tree holding the branch is a permanent refusal; git failures are retryable.
-pub fn remove_worktree(
-    clone: &Path,
-    branch: &str,
-    delete_branch: bool,
-    limit: Duration,
-) -> Result<WorktreeRemoval, EffectError> {
-    let retry = |e: anyhow::Error| EffectError::retry(format!("{e:#}"));
-    let full = format!("refs/heads/{branch}");
-    let trees = worktrees(clone, limit).map_err(retry)?;
-    if trees
-        .iter()
-        .any(|w| w.is_main && w.branch.as_deref() == Some(full.as_str()))
-    {
-        return Err(EffectError::permanent(format!(
-            "refused: the main working tree of {} has {branch} checked out and is never removed",
-            clone.display()
-        )));
-    }
-    let mut removed = Vec::new();
-    for w in trees
-        .iter()
-        .filter(|w| !w.is_main && w.branch.as_deref() == Some(full.as_str()))
-    {
-        let path = w.path.to_string_lossy().into_owned();
-        let out = git(clone, &["worktree", "remove", "--force", &path], limit).map_err(retry)?;
-        // A folder deleted by hand leaves a stale entry that prune clears below.
-        if !out.status.success() && w.path.exists() {
-            return Err(EffectError::retry(format!(
-                "git worktree remove {path} failed: {}",
-                out.stderr.trim()
-            )));
-        }
-        removed.push(w.path.clone());
-    }
-    git_ok(clone, &["worktree", "prune"], limit).map_err(retry)?;
-    let mut branch_deleted = false;
-    if delete_branch {
-        let exists = git(clone, &["show-ref", "--verify", "--quiet", &full], limit)
-            .map_err(retry)?
-            .status
-            .success();
-        if exists {
-            git_ok(clone, &["branch", "-D", "--", branch], limit).map_err(retry)?;
-            branch_deleted = true;
-        }
-    }
-    Ok(WorktreeRemoval {
-        removed,
-        branch_deleted,
-    })
-}
-
-/// The clone's default branch: `origin/HEAD` when known, else the branch checked out in
-/// the main working tree.
-pub fn default_branch(clone: &Path, limit: Duration) -> Option<String> {
-    let remote = git(
-        clone,
-        &[
-            "symbolic-ref",
-            "--quiet",
-            "--short",
-            "refs/remotes/origin/HEAD",
-        ],
-        limit,
-    )
-    .ok()
-    .filter(|o| o.status.success())
-    .map(|o| o.stdout.trim().to_string());
-    if let Some(r) = remote.and_then(|r| r.strip_prefix("origin/").map(String::from)) {
-        return Some(r);
-    }
-    git(
-        clone,
-        &["symbolic-ref", "--quiet", "--short", "HEAD"],
-        limit,
-    )
-    .ok()
-    .filter(|o| o.status.success())
-    .map(|o| o.stdout.trim().to_string())
-    .filter(|s| !s.is_empty())
-}
-
-/// `git push origin --delete <branch>`; true when deleted, false when it was already gone.
-pub fn push_delete(clone: &Path, remote: &str, branch: &str, limit: Duration) -> Result<bool> {
-    let refspec = format!("refs/heads/{branch}");
-    let out = git(clone, &["push", remote, "--delete", &refspec], limit)?;
-    if out.status.success() {
-        return Ok(true);
-    }
-    if out.stderr.contains("remote ref does not exist") {
-        return Ok(false);
-    }
-    bail!(
-        "git push {remote} --delete {branch} failed: {}",
-        out.stderr.trim()
-    )
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_recorded_commit_prefers_the_remote_tracking_ref_loose_or_packed() {
+        let dir = tempfile::tempdir().unwrap();
+        let git = dir.path().join(".git");
+        std::fs::create_dir_all(git.join("refs/heads/feature")).unwrap();
+        std::fs::write(git.join("HEAD"), "ref: refs/heads/main\n").unwrap();
+        let (a, b) = ("a".repeat(40), "b".repeat(40));
+        std::fs::write(git.join("refs/heads/feature/x"), format!("{a}\n")).unwrap();
+        assert_eq!(recorded_commit(dir.path(), "feature/x"), Some(a.clone()));
+        std::fs::write(
+            git.join("packed-refs"),
+            format!("# pack-refs with: peeled fully-peeled sorted\n{b} refs/remotes/origin/feature/x\n^{a}\n"),
+        )
+        .unwrap();
+        assert_eq!(recorded_commit(dir.path(), "feature/x"), Some(b));
+        assert_eq!(recorded_commit(dir.path(), "feature/none"), None);
+        // Names git would refuse are never joined into a path.
+        assert_eq!(recorded_commit(dir.path(), "../../etc/x"), None);
+        std::fs::write(git.join("refs/heads/feature/y"), "not a sha\n").unwrap();
+        assert_eq!(recorded_commit(dir.path(), "feature/y"), None);
+    }
 
     #[test]
     fn porcelain_blocks_parse_and_the_first_is_main() {

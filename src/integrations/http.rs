@@ -1,7 +1,10 @@
 //! A small blocking HTTP layer over ureq: bounded time, statuses as values, bodies capped.
 //!
 //! Error texts name the method and the URL without its query or credentials: tokens travel
-//! in headers and are never part of a URL, so nothing here can leak one.
+//! in headers and are never part of a URL, so nothing here can leak one. Redirects are
+//! never followed: a 3xx comes back as an answer like any other status. Following one
+//! would send a token header to wherever the `Location` points, and would turn a DELETE or
+//! a POST into a GET whose 200 then passes for a deletion or a posted comment.
 
 use std::time::Duration;
 
@@ -33,6 +36,11 @@ pub struct Answer {
 }
 
 impl Answer {
+    /// A 3xx: the server wants the request sent elsewhere, which orchctl never does.
+    pub fn is_redirect(&self) -> bool {
+        (300..400).contains(&self.status)
+    }
+
     pub fn header(&self, name: &str) -> Option<&str> {
         self.headers
             .iter()
@@ -45,6 +53,7 @@ pub fn agent(timeout: Duration) -> ureq::Agent {
     ureq::Agent::config_builder()
         .timeout_global(Some(timeout))
         .http_status_as_error(false)
+        .max_redirects(0)
         .user_agent("orchctl")
         .build()
         .into()
@@ -120,13 +129,15 @@ pub fn send(
 /// may have put credentials into `ORCH_GITEA_URL` or `ORCH_PLANE_URL`).
 fn redact(url: &str) -> String {
     let url = url.split('?').next().unwrap_or(url);
-    if let Some((scheme, rest)) = url.split_once("://") {
-        let authority_end = rest.find('/').unwrap_or(rest.len());
-        if let Some(at) = rest[..authority_end].rfind('@') {
-            return format!("{scheme}://{}", &rest[at + 1..]);
-        }
-    }
-    url.to_string()
+    without_userinfo(url).unwrap_or_else(|| url.to_string())
+}
+
+/// `url` without the `user:password@` of its authority; `None` when it has none.
+pub fn without_userinfo(url: &str) -> Option<String> {
+    let (scheme, rest) = url.split_once("://")?;
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let at = rest[..authority_end].rfind('@')?;
+    Some(format!("{scheme}://{}", &rest[at + 1..]))
 }
 
 #[cfg(test)]
@@ -148,5 +159,11 @@ mod tests {
         );
         assert_eq!(redact("http://h:3000/a@b"), "http://h:3000/a@b");
         assert_eq!(redact("http://h/p"), "http://h/p");
+        assert_eq!(
+            without_userinfo("postgres://u:p@db:5432/orch?sslmode=require").as_deref(),
+            Some("postgres://db:5432/orch?sslmode=require")
+        );
+        assert_eq!(without_userinfo("http://h/a@b"), None);
+        assert_eq!(without_userinfo("not a url"), None);
     }
 }

@@ -237,10 +237,15 @@ impl<'a> PlaneClient<'a> {
             match page.get("results") {
                 Some(Value::Array(items)) => out.extend(items.iter().cloned()),
                 _ => {
-                    // An unpaginated answer is a plain list.
-                    if let Value::Array(items) = page {
-                        out.extend(items);
-                    }
+                    // An unpaginated answer is a plain list; anything else (an error
+                    // object from a proxy) is not a listing, and must not pass for an
+                    // empty one.
+                    let Value::Array(items) = page else {
+                        return Err(EffectError::retry(format!(
+                            "Plane answered HTTP 200 for {path} with something that is not a listing"
+                        )));
+                    };
+                    out.extend(items);
                     return Ok(Some(out));
                 }
             }
@@ -301,7 +306,9 @@ impl<'a> PlaneClient<'a> {
             .map(|items| items.iter().filter_map(PlaneIssue::from_json).collect()))
     }
 
-    /// One work item; `None` when Plane answers 404 (deleted).
+    /// One work item; `None` only when Plane answers 404 for it (deleted). A 200 whose
+    /// body is not that work item (a proxy's error object, another issue, a changed API)
+    /// is an error: reading it as "gone" would cancel a live task and kill its agent.
     pub fn issue(
         &self,
         project_id: &str,
@@ -312,10 +319,19 @@ impl<'a> PlaneClient<'a> {
             segment(project_id),
             segment(issue_id)
         );
-        Ok(self
-            .get_json(&path)?
-            .as_ref()
-            .and_then(PlaneIssue::from_json))
+        let Some(body) = self.get_json(&path)? else {
+            return Ok(None);
+        };
+        match PlaneIssue::from_json(&body) {
+            Some(issue) if issue.id == issue_id => Ok(Some(issue)),
+            Some(other) => Err(EffectError::retry(format!(
+                "Plane answered issue {} when asked for issue {issue_id}",
+                other.id
+            ))),
+            None => Err(EffectError::retry(format!(
+                "Plane answered HTTP 200 for issue {issue_id} with something that is not a work item"
+            ))),
+        }
     }
 
     /// Adds a comment; 409 (same `external_id` already posted) counts as done.
@@ -351,7 +367,12 @@ impl<'a> PlaneClient<'a> {
 }
 
 fn status_error(status: u16, what: &str) -> EffectError {
-    let msg = format!("Plane answered HTTP {status} for {what}");
+    let redirect = if (300..400).contains(&status) {
+        " (a redirect, not followed)"
+    } else {
+        ""
+    };
+    let msg = format!("Plane answered HTTP {status}{redirect} for {what}");
     if matches!(status, 400 | 403) {
         EffectError::permanent(msg)
     } else {

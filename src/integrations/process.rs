@@ -129,15 +129,24 @@ pub fn group_alive(pgid: i32) -> bool {
 /// Live descendants (pid, start time) of group `pgid`'s members that are in another group.
 fn escaped_descendants(pgid: i32) -> Vec<(i32, i64)> {
     let procs = live_processes();
-    let mut family: HashSet<i32> = procs
+    let members: HashSet<i32> = procs
         .iter()
         .filter(|p| p.pgrp == pgid)
         .map(|p| p.pid)
         .collect();
+    descendants(&procs, members)
+        .into_iter()
+        .filter(|(pid, _)| procs.iter().any(|p| p.pid == *pid && p.pgrp != pgid))
+        .collect()
+}
+
+/// `roots` and every live descendant of theirs among `procs`, as (pid, start time).
+fn descendants(procs: &[ProcStat], roots: HashSet<i32>) -> Vec<(i32, i64)> {
+    let mut family = roots;
     // Parents before children is not guaranteed by /proc order: repeat until stable.
     loop {
         let before = family.len();
-        for p in &procs {
+        for p in procs {
             if family.contains(&p.ppid) {
                 family.insert(p.pid);
             }
@@ -148,7 +157,7 @@ fn escaped_descendants(pgid: i32) -> Vec<(i32, i64)> {
     }
     procs
         .iter()
-        .filter(|p| p.pgrp != pgid && family.contains(&p.pid))
+        .filter(|p| family.contains(&p.pid))
         .map(|p| (p.pid, p.start))
         .collect()
 }
@@ -200,29 +209,10 @@ fn refuse(message: String) -> StopFailure {
     }
 }
 
-/// Waits until group `pgid` has no live member, polling with a short, growing interval so
-/// the caller returns soon after the group exits instead of sleeping a whole grace period.
-fn wait_group_exit(pgid: i32, limit: Duration) -> bool {
-    let deadline = Instant::now() + limit;
-    let mut pause = Duration::from_millis(2);
-    loop {
-        if !group_alive(pgid) {
-            return true;
-        }
-        let now = Instant::now();
-        if now >= deadline {
-            return false;
-        }
-        std::thread::sleep(pause.min(deadline - now));
-        pause = (pause * 2).min(Duration::from_millis(20));
-    }
-}
-
 /// A stop that is waiting out an agent's grace period after SIGTERM.
 #[derive(Debug, Clone, Copy)]
 pub struct GraceWait {
     pub pid: i64,
-    pub pgid: i32,
     /// The whole grace period (ORCH_STOP_GRACE_SECS), SIGKILL at its end.
     pub grace: Duration,
 }
@@ -241,11 +231,11 @@ pub fn set_wait_reporter(report: fn(&GraceWait)) {
     let _ = WAIT_REPORTER.set(report);
 }
 
-/// Waits up to `grace` for group `pgid` to exit after SIGTERM, reporting the wait (see
-/// [`set_wait_reporter`]) once it lasts longer than [`QUIET_WAIT`].
-fn wait_out_grace(pid: i64, pgid: i32, grace: Duration) -> bool {
+/// Waits up to `grace` for `target` (the agent `pid`) to exit after SIGTERM, reporting the
+/// wait (see [`set_wait_reporter`]) once it lasts longer than [`QUIET_WAIT`].
+fn wait_out_grace(target: &Target, pid: i64, grace: Duration) -> bool {
     let started = Instant::now();
-    if wait_group_exit(pgid, grace.min(QUIET_WAIT)) {
+    if target.wait_exit(grace.min(QUIET_WAIT)) {
         return true;
     }
     let left = grace.saturating_sub(started.elapsed());
@@ -253,13 +243,16 @@ fn wait_out_grace(pid: i64, pgid: i32, grace: Duration) -> bool {
         return false;
     }
     if let Some(report) = WAIT_REPORTER.get() {
-        report(&GraceWait { pid, pgid, grace });
+        report(&GraceWait { pid, grace });
     }
-    wait_group_exit(pgid, left)
+    target.wait_exit(left)
 }
 
-/// Stops the process group of the agent `pid` whose recorded start time is
-/// `recorded_start`: SIGTERM to the group, up to `grace` for it to exit, then SIGKILL.
+/// Stops the agent `pid` whose recorded start time is `recorded_start`: SIGTERM, up to
+/// `grace` for it to exit, then SIGKILL. When the verified pid leads its process group
+/// (pid == pgid, as every agent orchctl launches does) the whole group is signalled and
+/// waited for; otherwise only that process is — a group led by someone else (an outside
+/// launcher's shell, say) is not the agent's to end.
 pub fn stop_agent(
     pid: i64,
     recorded_start: Option<i64>,
@@ -281,45 +274,50 @@ pub fn stop_agent(
     }
     let pgid = found.pgrp;
     let own = nix::unistd::getpgrp().as_raw();
-    if pgid <= 1 || pgid == own {
+    if pgid <= 1 || pgid == own || pid == std::process::id() as i64 {
         return Err(refuse(format!(
             "refusing to signal process group {pgid} of pid {pid} (init's or orchctl's own)"
         )));
     }
+    let target = if pgid as i64 == pid {
+        Target::Group(pgid)
+    } else {
+        Target::Process(pid as i32, recorded)
+    };
     let session = found.session;
-    // Descendants that left the group (setsid, setpgid) are noted before any signal: once
-    // their parent dies they are re-parented and can no longer be told from strangers.
-    let escaped = escaped_descendants(pgid);
+    // Descendants that left the group (setsid, setpgid) — or, for a lone process, all of
+    // its descendants — are noted before any signal: once their parent dies they are
+    // re-parented and can no longer be told from strangers.
+    let escaped = target.escaped_descendants();
     let started = Instant::now();
     let signal = |sig: Signal| -> Result<(), StopFailure> {
-        match killpg(Pid::from_raw(pgid), sig) {
+        match target.signal(sig) {
             Ok(()) | Err(Errno::ESRCH) => Ok(()),
-            Err(Errno::EPERM) => Err(refuse(format!(
-                "no permission to signal process group {pgid}"
-            ))),
+            Err(Errno::EPERM) => Err(refuse(format!("no permission to signal {target}"))),
             Err(e) => Err(StopFailure {
                 permanent: false,
-                message: format!("signalling process group {pgid}: {e}"),
+                message: format!("signalling {target}: {e}"),
             }),
         }
     };
     signal(Signal::SIGTERM)?;
     let mut used = "SIGTERM";
-    if !wait_out_grace(pid, pgid, grace) {
+    if !wait_out_grace(&target, pid, grace) {
         signal(Signal::SIGKILL)?;
         used = "SIGKILL";
-        if !wait_group_exit(pgid, Duration::from_secs(5)) {
+        if !target.wait_exit(Duration::from_secs(5)) {
             return Err(StopFailure {
                 permanent: false,
-                message: format!("process group {pgid} survived SIGKILL"),
+                message: format!("{target} survived SIGKILL"),
             });
         }
     }
     let mut strays: Vec<i32> = live_processes()
         .iter()
         .filter(|p| {
-            p.pgrp != pgid
-                && (p.session == session || escaped.iter().any(|e| e.0 == p.pid && e.1 == p.start))
+            !target.contains(p)
+                && ((matches!(target, Target::Group(_)) && p.session == session)
+                    || escaped.iter().any(|e| e.0 == p.pid && e.1 == p.start))
         })
         .map(|p| p.pid)
         .collect();
@@ -329,6 +327,78 @@ pub fn stop_agent(
         waited_ms: started.elapsed().as_millis() as u64,
         strays,
     })
+}
+
+/// What a stop signals: a whole process group, or one verified process (pid, start time).
+#[derive(Debug, Clone, Copy)]
+enum Target {
+    Group(i32),
+    Process(i32, i64),
+}
+
+impl std::fmt::Display for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Target::Group(g) => write!(f, "process group {g}"),
+            Target::Process(p, _) => write!(f, "pid {p}"),
+        }
+    }
+}
+
+impl Target {
+    fn signal(&self, sig: Signal) -> nix::Result<()> {
+        match *self {
+            Target::Group(g) => killpg(Pid::from_raw(g), sig),
+            // The identity is checked again right before the signal: the pid must still be
+            // the process that was verified.
+            Target::Process(p, start) => match start_time(p as i64) {
+                Some(now) if now == start => nix::sys::signal::kill(Pid::from_raw(p), sig),
+                _ => Err(Errno::ESRCH),
+            },
+        }
+    }
+
+    fn alive(&self) -> bool {
+        match *self {
+            Target::Group(g) => group_alive(g),
+            Target::Process(p, start) => start_time(p as i64) == Some(start),
+        }
+    }
+
+    fn contains(&self, p: &ProcStat) -> bool {
+        match *self {
+            Target::Group(g) => p.pgrp == g,
+            Target::Process(pid, start) => p.pid == pid && p.start == start,
+        }
+    }
+
+    fn escaped_descendants(&self) -> Vec<(i32, i64)> {
+        match *self {
+            Target::Group(g) => escaped_descendants(g),
+            Target::Process(pid, _) => descendants(&live_processes(), [pid].into())
+                .into_iter()
+                .filter(|d| d.0 != pid)
+                .collect(),
+        }
+    }
+
+    /// Waits until the target has no live member, polling with a short, growing interval
+    /// so the caller returns soon after it exits instead of sleeping a whole grace period.
+    fn wait_exit(&self, limit: Duration) -> bool {
+        let deadline = Instant::now() + limit;
+        let mut pause = Duration::from_millis(2);
+        loop {
+            if !self.alive() {
+                return true;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            std::thread::sleep(pause.min(deadline - now));
+            pause = (pause * 2).min(Duration::from_millis(20));
+        }
+    }
 }
 
 /// SIGKILL to a group orchctl itself just created (a launch that lost a race with STOP).
@@ -344,20 +414,10 @@ pub fn spawn_detached(argv: &[String], env: &[(String, String)], log: &Path) -> 
     let (program, args) = argv
         .split_first()
         .context("--exec needs a command after `--`")?;
-    if let Some(dir) = log.parent() {
-        std::fs::create_dir_all(dir)
-            .with_context(|| format!("creating the log folder {}", dir.display()))?;
-    }
-    let out = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(log)
-        .with_context(|| format!("opening the log {}", log.display()))?;
+    let out = append_file(log)?;
     let err = out.try_clone()?;
     let mut cmd = Command::new(program);
-    for var in SECRET_VARS {
-        cmd.env_remove(var);
-    }
+    scrub_child_env(&mut cmd);
     cmd.args(args)
         .envs(env.iter().map(|(k, v)| (k, v)))
         .stdin(Stdio::null())
@@ -405,9 +465,7 @@ pub fn run_limited(
     limit: Duration,
 ) -> Result<ChildOutput> {
     let mut cmd = Command::new(program);
-    for var in SECRET_VARS {
-        cmd.env_remove(var);
-    }
+    scrub_child_env(&mut cmd);
     cmd.args(args)
         .envs(env)
         .stdin(if stdin.is_some() {
@@ -492,15 +550,85 @@ pub fn run_limited(
     })
 }
 
-/// Opens a file for appending, creating its folder (job logs).
+/// Opens a job log for appending, creating its folder. Log names are predictable
+/// (`job-<id>-run-<run>.log`), so whoever can write the folder could plant a link there and
+/// have orchctl's user append to any file it can write: a folder others can write is
+/// refused, a symbolic link is never followed (`O_NOFOLLOW`), and only a regular file
+/// owned by this user is written (a FIFO is not waited on: `O_NONBLOCK`).
 pub fn append_file(path: &Path) -> Result<File> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("creating the log folder {}", dir.display()))?;
+        let meta = std::fs::metadata(dir)
+            .with_context(|| format!("reading the log folder {}", dir.display()))?;
+        if meta.permissions().mode() & 0o002 != 0 {
+            anyhow::bail!(
+                "refusing the log folder {}: others can write to it (chmod o-w it, or set ORCH_LOG_DIR)",
+                dir.display()
+            );
+        }
     }
-    Ok(std::fs::OpenOptions::new()
+    let flags = nix::fcntl::OFlag::O_NOFOLLOW | nix::fcntl::OFlag::O_NONBLOCK;
+    let file = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
-        .open(path)?)
+        .custom_flags(flags.bits())
+        .open(path)
+        .with_context(|| {
+            format!(
+                "opening the log {} (a symbolic link is never followed)",
+                path.display()
+            )
+        })?;
+    let meta = file.metadata()?;
+    let me = nix::unistd::geteuid().as_raw();
+    if !meta.file_type().is_file() || meta.uid() != me {
+        anyhow::bail!(
+            "refusing the log {}: not a regular file owned by uid {me}",
+            path.display()
+        );
+    }
+    Ok(file)
+}
+
+/// Variables that point git at a repository: orchctl run from a git hook (or by an agent in
+/// its worktree) inherits them, and its children — git in a clone, an agent in its own
+/// worktree — must find their repository themselves, never the caller's.
+const GIT_LOCATION_VARS: [&str; 8] = [
+    "GIT_DIR",
+    "GIT_WORK_TREE",
+    "GIT_COMMON_DIR",
+    "GIT_INDEX_FILE",
+    "GIT_OBJECT_DIRECTORY",
+    "GIT_ALTERNATE_OBJECT_DIRECTORIES",
+    "GIT_NAMESPACE",
+    "GIT_CEILING_DIRECTORIES",
+];
+
+/// What a child orchctl starts (an agent, git, the notify hook) must never inherit:
+/// orchctl's secret variables, and credentials written into any `ORCH_*` URL
+/// (`https://bot:token@gitea…`). Such a URL is passed on without its `user:password@`; a
+/// value that is not UTF-8 cannot be inspected and is not passed on at all.
+fn scrub_child_env(cmd: &mut Command) {
+    for var in SECRET_VARS.iter().chain(GIT_LOCATION_VARS.iter()) {
+        cmd.env_remove(var);
+    }
+    for (name, value) in std::env::vars_os() {
+        if !name.as_encoded_bytes().starts_with(b"ORCH_") {
+            continue;
+        }
+        match value.to_str() {
+            Some(v) => {
+                if let Some(clean) = super::http::without_userinfo(v) {
+                    cmd.env(&name, clean);
+                }
+            }
+            None => {
+                cmd.env_remove(&name);
+            }
+        }
+    }
 }
 
 #[cfg(test)]

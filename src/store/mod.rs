@@ -7,9 +7,12 @@
 //! updates (`… WHERE status = 'running' AND run_id = ?`) so a late writer can never
 //! overwrite a newer truth. Timestamps and ids are produced here, never by callers.
 
+mod branches;
+mod fallback;
 mod keys;
 mod metrics;
 mod prune;
+mod reap;
 pub mod schema;
 
 pub use prune::RunEnd;

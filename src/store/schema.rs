@@ -12,7 +12,13 @@ use rusqlite::Connection;
 type Migration = fn(&Connection) -> Result<()>;
 
 /// Index `i` brings a database from version `i` to version `i + 1`.
-pub const MIGRATIONS: &[Migration] = &[m1_base, m2_job_counts, m3_live_tasks, m4_task_counts];
+pub const MIGRATIONS: &[Migration] = &[
+    m1_base,
+    m2_job_counts,
+    m3_live_tasks,
+    m4_task_counts,
+    m5_live_branches,
+];
 
 /// The schema version this binary writes.
 pub fn current_version() -> i64 {
@@ -272,5 +278,16 @@ fn m4_task_counts(conn: &Connection) -> Result<()> {
         ",
     )
     .context("creating the task counters")?;
+    Ok(())
+}
+
+/// The branches of live tasks, so that a side effect about to touch a branch (a worktree
+/// removal, a remote deletion) can ask in one index probe whether a live task owns it now.
+fn m5_live_branches(conn: &Connection) -> Result<()> {
+    conn.execute_batch(
+        "CREATE INDEX IF NOT EXISTS tasks_live_branch ON tasks(repo, branch)
+             WHERE stage NOT IN ('done', 'cancelled');",
+    )
+    .context("creating the index of live tasks' branches")?;
     Ok(())
 }

@@ -1,0 +1,53 @@
+//! Reap's writes, guarded on what reap judged: the run, its status *and* its recorded
+//! process. reap decides on a snapshot (a pid-less run that is too old, a pid that is
+//! gone); a launcher that records its agent between that read and reap's write has made
+//! the run a live, recorded one, and reap must then change nothing — or the agent would
+//! run unrecorded, out of reach of STOP.
+
+use anyhow::Result;
+use rusqlite::params;
+
+use super::{Writer, NOW_SQL};
+use crate::model::Job;
+
+impl<'c> Writer<'c> {
+    /// Puts the judged run back in the queue; false when the job is no longer exactly the
+    /// run reap judged (another run, another status, another or a newly recorded pid).
+    pub fn requeue_judged_run(&self, judged: &Job, error: &str) -> Result<bool> {
+        let n = self
+            .c
+            .prepare_cached(
+                "UPDATE jobs SET status = 'queued', pid = NULL, proc_start = NULL, error = ?5
+                 WHERE id = ?1 AND run_id IS ?2 AND status = 'running'
+                   AND pid IS ?3 AND proc_start IS ?4",
+            )?
+            .execute(params![
+                judged.id,
+                judged.run_id,
+                judged.pid,
+                judged.proc_start,
+                error
+            ])?;
+        Ok(n == 1)
+    }
+
+    /// Ends the judged run as `status` (`failed`, `cancelled`), with the same guard.
+    pub fn end_judged_run(&self, judged: &Job, status: &str, error: &str) -> Result<bool> {
+        let n = self
+            .c
+            .prepare_cached(&format!(
+                "UPDATE jobs SET status = ?5, finished_at = {NOW_SQL}, error = ?6
+                 WHERE id = ?1 AND run_id IS ?2 AND status = 'running'
+                   AND pid IS ?3 AND proc_start IS ?4"
+            ))?
+            .execute(params![
+                judged.id,
+                judged.run_id,
+                judged.pid,
+                judged.proc_start,
+                status,
+                error
+            ])?;
+        Ok(n == 1)
+    }
+}

@@ -224,7 +224,7 @@ _orchctl() {
             fi
             case "${prev}" in
                 --agent)
-                    COMPREPLY=($(compgen -f "${cur}"))
+                    COMPREPLY=($(compgen -W "analyst developer reviewer deployer" -- "${cur}"))
                     return 0
                     ;;
                 --repo)
@@ -974,7 +974,7 @@ _orchctl() {
                     return 0
                     ;;
                 --stage)
-                    COMPREPLY=($(compgen -f "${cur}"))
+                    COMPREPLY=($(compgen -W "analysis development review deploy" -- "${cur}"))
                     return 0
                     ;;
                 --depends-on)
@@ -1088,7 +1088,7 @@ _orchctl() {
             fi
             case "${prev}" in
                 --stage)
-                    COMPREPLY=($(compgen -f "${cur}"))
+                    COMPREPLY=($(compgen -W "analysis development review deploy done cancelled" -- "${cur}"))
                     return 0
                     ;;
                 --repo)

@@ -66,7 +66,10 @@ complete -c orchctl -n "__fish_orchctl_using_subcommand task; and __fish_seen_su
 complete -c orchctl -n "__fish_orchctl_using_subcommand task; and __fish_seen_subcommand_from add" -l project-id -d 'Plane project id (UUID)' -r
 complete -c orchctl -n "__fish_orchctl_using_subcommand task; and __fish_seen_subcommand_from add" -l branch -d 'Branch [default: feature/<work item>-<slug of the title>]' -r
 complete -c orchctl -n "__fish_orchctl_using_subcommand task; and __fish_seen_subcommand_from add" -l title -d 'Title' -r
-complete -c orchctl -n "__fish_orchctl_using_subcommand task; and __fish_seen_subcommand_from add" -l stage -d 'Stage to start in: analysis, development, review or deploy' -r
+complete -c orchctl -n "__fish_orchctl_using_subcommand task; and __fish_seen_subcommand_from add" -l stage -d 'Stage to start in' -r -f -a "analysis\t''
+development\t''
+review\t''
+deploy\t''"
 complete -c orchctl -n "__fish_orchctl_using_subcommand task; and __fish_seen_subcommand_from add" -l depends-on -d 'A task whose completion this one waits for (repeatable)' -r
 complete -c orchctl -n "__fish_orchctl_using_subcommand task; and __fish_seen_subcommand_from add" -l db -d 'The SQLite database [default: $XDG_STATE_HOME/orchctl/orch.db]' -r -F
 complete -c orchctl -n "__fish_orchctl_using_subcommand task; and __fish_seen_subcommand_from add" -l format -d 'Output format [default: text on a terminal, JSON otherwise]' -r -f -a "json\t''
@@ -76,7 +79,12 @@ complete -c orchctl -n "__fish_orchctl_using_subcommand task; and __fish_seen_su
 complete -c orchctl -n "__fish_orchctl_using_subcommand task; and __fish_seen_subcommand_from show" -l format -d 'Output format [default: text on a terminal, JSON otherwise]' -r -f -a "json\t''
 text\t''"
 complete -c orchctl -n "__fish_orchctl_using_subcommand task; and __fish_seen_subcommand_from show" -s h -l help -d 'Print help'
-complete -c orchctl -n "__fish_orchctl_using_subcommand task; and __fish_seen_subcommand_from list" -l stage -d 'Only tasks in this stage' -r
+complete -c orchctl -n "__fish_orchctl_using_subcommand task; and __fish_seen_subcommand_from list" -l stage -d 'Only tasks in this stage' -r -f -a "analysis\t''
+development\t''
+review\t''
+deploy\t''
+done\t''
+cancelled\t''"
 complete -c orchctl -n "__fish_orchctl_using_subcommand task; and __fish_seen_subcommand_from list" -l repo -d 'Only tasks of this repo' -r
 complete -c orchctl -n "__fish_orchctl_using_subcommand task; and __fish_seen_subcommand_from list" -l limit -d 'At most this many tasks' -r
 complete -c orchctl -n "__fish_orchctl_using_subcommand task; and __fish_seen_subcommand_from list" -l db -d 'The SQLite database [default: $XDG_STATE_HOME/orchctl/orch.db]' -r -F
@@ -98,7 +106,10 @@ complete -c orchctl -n "__fish_orchctl_using_subcommand stop" -l format -d 'Outp
 text\t''"
 complete -c orchctl -n "__fish_orchctl_using_subcommand stop" -l force -d 'Skip the critical-window check: reset even during a deploy'
 complete -c orchctl -n "__fish_orchctl_using_subcommand stop" -s h -l help -d 'Print help (see more with \'--help\')'
-complete -c orchctl -n "__fish_orchctl_using_subcommand claim" -l agent -d 'Only jobs of this agent (repeatable)' -r
+complete -c orchctl -n "__fish_orchctl_using_subcommand claim" -l agent -d 'Only jobs of this agent (repeatable)' -r -f -a "analyst\t''
+developer\t''
+reviewer\t''
+deployer\t''"
 complete -c orchctl -n "__fish_orchctl_using_subcommand claim" -l repo -d 'Only jobs of this repo' -r
 complete -c orchctl -n "__fish_orchctl_using_subcommand claim" -l db -d 'The SQLite database [default: $XDG_STATE_HOME/orchctl/orch.db]' -r -F
 complete -c orchctl -n "__fish_orchctl_using_subcommand claim" -l format -d 'Output format [default: text on a terminal, JSON otherwise]' -r -f -a "json\t''

@@ -1,13 +1,19 @@
 //! The command line (SPEC §11): clap types only. They also feed the man pages and the
 //! shell completions (`cargo run --example generate-docs`), so every help text here is user
-//! documentation. Parsing goes through [`parse`] / [`command`], which add what every
-//! command shares (exit codes under the help, environment values never shown).
+//! documentation. Parsing goes through [`try_parse`] / [`command`], which add what every
+//! command shares (exit codes under the help, environment values never shown, strict
+//! switch variables). Names the command line takes (agents, stages) are checked here, by
+//! the value parsers [`agent_name`], [`stage_name`] and [`live_stage_name`], so a typo is
+//! a usage error listing the valid names and the shell completions offer them.
 
-use std::ffi::OsString;
+use std::ffi::{OsStr, OsString};
 use std::path::PathBuf;
 
-use clap::builder::FalseyValueParser;
-use clap::{ArgGroup, Args, FromArgMatches, Parser, Subcommand, ValueEnum};
+use clap::builder::{PossibleValuesParser, TypedValueParser};
+use clap::{ArgAction, ArgGroup, Args, FromArgMatches, Parser, Subcommand, ValueEnum};
+
+use crate::config::{self, Environment};
+use crate::pipeline;
 
 /// The exit codes of SPEC §9, as `(code, meaning)`: shown by `--help` and the man pages
 /// (a test keeps README's table equal to this list).
@@ -256,7 +262,7 @@ pub struct TaskRef {
 #[derive(Debug, Args)]
 pub struct TaskAddArgs {
     /// Repository name (a clone at $ORCH_REPOS_DIR/<repo>)
-    #[arg(long, env = "ORCH_TASK_REPO")]
+    #[arg(long, value_name = "R", env = "ORCH_TASK_REPO")]
     pub repo: String,
     /// Work item id, e.g. ORCH-310
     #[arg(long, value_name = "ID", env = "ORCH_TASK_WORK_ITEM")]
@@ -268,13 +274,19 @@ pub struct TaskAddArgs {
     #[arg(long, value_name = "ID", env = "ORCH_TASK_PROJECT_ID")]
     pub project_id: Option<String>,
     /// Branch [default: feature/<work item>-<slug of the title>]
-    #[arg(long, env = "ORCH_TASK_BRANCH")]
+    #[arg(long, value_name = "B", env = "ORCH_TASK_BRANCH")]
     pub branch: Option<String>,
     /// Title
-    #[arg(long, env = "ORCH_TASK_TITLE")]
+    #[arg(long, value_name = "T", env = "ORCH_TASK_TITLE")]
     pub title: Option<String>,
-    /// Stage to start in: analysis, development, review or deploy
-    #[arg(long, default_value = "analysis", env = "ORCH_TASK_STAGE")]
+    /// Stage to start in
+    #[arg(
+        long,
+        value_name = "S",
+        default_value = "analysis",
+        env = "ORCH_TASK_STAGE",
+        value_parser = live_stage_name()
+    )]
     pub stage: String,
     /// A task whose completion this one waits for (repeatable)
     #[arg(
@@ -289,19 +301,23 @@ pub struct TaskAddArgs {
 #[derive(Debug, Args)]
 pub struct TaskListArgs {
     /// Only tasks in this stage
-    #[arg(long, env = "ORCH_LIST_STAGE")]
+    #[arg(long, value_name = "S", env = "ORCH_LIST_STAGE", value_parser = stage_name())]
     pub stage: Option<String>,
     /// Only tasks of this repo
-    #[arg(long, env = "ORCH_LIST_REPO")]
+    #[arg(long, value_name = "R", env = "ORCH_LIST_REPO")]
     pub repo: Option<String>,
     /// At most this many tasks
-    #[arg(long, default_value_t = 100, env = "ORCH_LIST_LIMIT")]
+    #[arg(long, value_name = "N", default_value_t = 100, env = "ORCH_LIST_LIMIT")]
     pub limit: i64,
 }
 
-// Switches take their variable too (SPEC §9: every flag has one), read with clap's "falsey"
-// rule: 0, false, off, no, n, f or empty leave the switch off, anything else turns it on.
-// They act on one invocation: never put them in a shared environment file.
+// Switches take their variable too (SPEC §9: every flag has one), read strictly like every
+// boolean (config::parse_bool): 1/0, true/false, on/off, yes/no in any case, empty = off,
+// anything else is exit 78 before anything is touched — a typo of "off" must never force a
+// STOP through a deploy window. [`command`] gives every switch with a variable that reading
+// (so a new switch needs nothing more than `env = "ORCH_..."`), and [`try_parse_from`] checks
+// every switch variable before the command line is parsed. They act on one invocation:
+// never put them in a shared environment file.
 //
 // Three switches have none, on purpose: --success/--failure are one required choice and
 // --exec needs the command after `--`. clap counts a variable set to "0" as the switch
@@ -317,7 +333,7 @@ pub struct StopArgs {
     #[arg(long, value_name = "TEXT", env = "ORCH_STOP_REASON")]
     pub reason: Option<String>,
     /// Skip the critical-window check: reset even during a deploy
-    #[arg(long, env = "ORCH_STOP_FORCE", value_parser = FalseyValueParser::new())]
+    #[arg(long, env = "ORCH_STOP_FORCE")]
     pub force: bool,
 }
 
@@ -328,7 +344,8 @@ pub struct ClaimArgs {
         long = "agent",
         value_name = "A",
         env = "ORCH_CLAIM_AGENTS",
-        value_delimiter = ','
+        value_delimiter = ',',
+        value_parser = agent_name()
     )]
     pub agents: Vec<String>,
     /// Only jobs of this repo
@@ -370,10 +387,10 @@ pub struct CompleteArgs {
 #[derive(Debug, Args)]
 pub struct ReapArgs {
     /// Report what would change, change nothing
-    #[arg(long, env = "ORCH_REAP_DRY_RUN", value_parser = FalseyValueParser::new())]
+    #[arg(long, env = "ORCH_REAP_DRY_RUN")]
     pub dry_run: bool,
     /// Boot-time recovery: every running job is dead (run once at boot, before agents)
-    #[arg(long, env = "ORCH_REAP_RECOVER", value_parser = FalseyValueParser::new())]
+    #[arg(long, env = "ORCH_REAP_RECOVER")]
     pub recover: bool,
 }
 
@@ -438,18 +455,106 @@ pub struct PruneArgs {
     )]
     pub older_than: u32,
     /// Count what would be deleted, delete nothing
-    #[arg(long, env = "ORCH_PRUNE_DRY_RUN", value_parser = FalseyValueParser::new())]
+    #[arg(long, env = "ORCH_PRUNE_DRY_RUN")]
     pub dry_run: bool,
+}
+
+/// The agent names (`analyst`, `developer`, `reviewer`, `deployer`), in pipeline order.
+pub fn agent_names() -> Vec<&'static str> {
+    pipeline::LIVE_STAGES
+        .iter()
+        .filter_map(|s| pipeline::agent_for_stage(s))
+        .collect()
+}
+
+/// The value parser of an `--agent` argument: one of [`agent_names`] (exit 2 otherwise,
+/// listing them; completions offer them). `value_parser = agent_name()` on the argument.
+pub fn agent_name() -> PossibleValuesParser {
+    PossibleValuesParser::new(agent_names())
+}
+
+/// The value parser of a stage filter: any of the six stages.
+pub fn stage_name() -> PossibleValuesParser {
+    PossibleValuesParser::new(pipeline::STAGES)
+}
+
+/// The value parser of a stage a task can be put in: the four live ones.
+pub fn live_stage_name() -> PossibleValuesParser {
+    PossibleValuesParser::new(pipeline::LIVE_STAGES)
+}
+
+/// Whether `a` is a switch bound to a variable (its value read by [`Switch`]).
+fn is_switch_variable(a: &clap::Arg) -> bool {
+    matches!(a.get_action(), ArgAction::SetTrue) && a.get_env().is_some()
+}
+
+/// The strict reading of a switch variable. A switch on the command line arrives as
+/// `true`, an absent one as `false`; anything else came from its variable.
+#[derive(Clone, Copy, Debug)]
+pub struct Switch;
+
+impl TypedValueParser for Switch {
+    type Value = bool;
+
+    fn parse_ref(
+        &self,
+        cmd: &clap::Command,
+        arg: Option<&clap::Arg>,
+        value: &OsStr,
+    ) -> Result<bool, clap::Error> {
+        let name = arg
+            .and_then(clap::Arg::get_env)
+            .map(|e| e.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "the switch".into());
+        let invalid = |message: String| {
+            clap::Error::raw(
+                clap::error::ErrorKind::ValueValidation,
+                format!("{message}\n"),
+            )
+            .with_cmd(cmd)
+        };
+        let text = value
+            .to_str()
+            .ok_or_else(|| invalid(format!("{name} is not valid UTF-8")))?;
+        if config::is_blank(text) {
+            return Ok(false);
+        }
+        config::parse_bool(&name, text).map_err(|e| invalid(e.to_string()))
+    }
+}
+
+/// Exit 78 for the first switch variable in `env` that is not a boolean, checking every
+/// switch of every command (a typo in any of them is refused, whatever the command).
+pub fn check_switch_variables(env: &Environment) -> anyhow::Result<()> {
+    check_switches_of(&command(), env)
+}
+
+fn check_switches_of(cmd: &clap::Command, env: &Environment) -> anyhow::Result<()> {
+    for a in cmd.get_arguments().filter(|a| is_switch_variable(a)) {
+        if let Some(name) = a.get_env().and_then(OsStr::to_str) {
+            env.boolean(name, false)?;
+        }
+    }
+    cmd.get_subcommands()
+        .try_for_each(|s| check_switches_of(s, env))
 }
 
 /// The clap command, for parsing, man pages, completions and the CLI self-check.
 ///
-/// On top of the derive: every subcommand shows the exit codes under its help, and no
-/// help shows the current value of an environment variable (help, man pages and
-/// completions must not depend on who runs them, and a value can be sensitive).
+/// On top of the derive: every subcommand shows the exit codes under its help, no help
+/// shows the current value of an environment variable (help, man pages and completions
+/// must not depend on who runs them, and a value can be sensitive), and every switch with
+/// a variable reads it strictly ([`Switch`]).
 pub fn command() -> clap::Command {
     fn finish(cmd: clap::Command, top: bool) -> clap::Command {
-        let mut cmd = cmd.mut_args(|a| a.hide_env_values(true));
+        let mut cmd = cmd.mut_args(|a| {
+            let a = a.hide_env_values(true);
+            if is_switch_variable(&a) {
+                a.value_parser(Switch)
+            } else {
+                a
+            }
+        });
         if !top {
             cmd = cmd.after_help(SUB_AFTER_HELP);
         }
@@ -469,11 +574,12 @@ pub fn command() -> clap::Command {
 /// `ORCH_DB_PATH=` means "the default", as an empty configuration variable does
 /// (config.rs), instead of an empty value that fails to parse. Only for parsing: help, man
 /// pages and completions must not depend on the environment.
-fn ignore_empty_env(cmd: clap::Command) -> clap::Command {
+fn ignore_empty_env(cmd: clap::Command, env: &Environment) -> clap::Command {
     let mut cmd = cmd.mut_args(|a| {
-        let empty = a.get_env().is_some_and(|name| {
-            std::env::var_os(name).is_some_and(|v| v.to_str().is_some_and(|s| s.trim().is_empty()))
-        });
+        let empty = a
+            .get_env()
+            .and_then(OsStr::to_str)
+            .is_some_and(|name| env.get(name).is_some_and(config::is_blank));
         if empty {
             a.env(None::<&str>)
         } else {
@@ -485,25 +591,41 @@ fn ignore_empty_env(cmd: clap::Command) -> clap::Command {
         .map(|s| s.get_name().to_string())
         .collect();
     for name in subs {
-        cmd = cmd.mut_subcommand(name, ignore_empty_env);
+        cmd = cmd.mut_subcommand(name, |s| ignore_empty_env(s, env));
     }
     cmd
 }
 
-/// Parses `args` (the program name first) with [`command`], in this process's environment.
-pub fn try_parse_from<I, T>(args: I) -> Result<Cli, clap::Error>
+/// Why the command line gave no [`Cli`].
+#[derive(Debug)]
+pub enum ParseError {
+    /// A usage error, `--help` or `--version`: clap's to print (exit 2, or 0 for help).
+    Usage(clap::Error),
+    /// A switch variable that is no boolean (exit 78, see [`check_switch_variables`]).
+    Config(anyhow::Error),
+}
+
+/// Parses `args` (the program name first) with [`command`]. `env` is the captured
+/// environment (see [`Environment`]): every switch variable is checked in it first, so a
+/// bad one is exit 78 naming it before anything else happens; clap then reads the flags'
+/// variables itself, and finds them valid.
+pub fn try_parse_from<I, T>(args: I, env: &Environment) -> Result<Cli, ParseError>
 where
     I: IntoIterator<Item = T>,
     T: Into<OsString> + Clone,
 {
-    let mut cmd = ignore_empty_env(command());
-    let matches = cmd.try_get_matches_from_mut(args)?;
-    Cli::from_arg_matches(&matches).map_err(|e| e.format(&mut cmd))
+    let cmd = command();
+    check_switches_of(&cmd, env).map_err(ParseError::Config)?;
+    let mut cmd = ignore_empty_env(cmd, env);
+    let matches = cmd
+        .try_get_matches_from_mut(args)
+        .map_err(ParseError::Usage)?;
+    Cli::from_arg_matches(&matches).map_err(|e| ParseError::Usage(e.format(&mut cmd)))
 }
 
 /// Parses the process arguments.
-pub fn try_parse() -> Result<Cli, clap::Error> {
-    try_parse_from(std::env::args_os())
+pub fn try_parse(env: &Environment) -> Result<Cli, ParseError> {
+    try_parse_from(std::env::args_os(), env)
 }
 
 #[cfg(test)]
@@ -521,6 +643,43 @@ mod tests {
             out.extend(all(s));
         }
         out
+    }
+
+    #[test]
+    fn switch_variables_are_read_strictly() {
+        let cmd = command();
+        let arg = clap::Arg::new("force")
+            .long("force")
+            .action(ArgAction::SetTrue)
+            .env("ORCH_STOP_FORCE");
+        let parse = |v: &str| Switch.parse_ref(&cmd, Some(&arg), OsStr::new(v));
+        for (v, want) in [
+            ("true", true),
+            ("false", false),
+            ("off", false),
+            ("YES", true),
+            ("", false),
+        ] {
+            assert_eq!(parse(v).unwrap(), want, "{v:?}");
+        }
+        for v in ["maybe", "n", "f", "2", "off\u{a0}"] {
+            let e = parse(v).unwrap_err();
+            assert!(e.to_string().contains("ORCH_STOP_FORCE="), "{e}");
+        }
+        let env = |k: &str, v: &str| Environment::from_pairs([(k, v)]);
+        for var in ["ORCH_STOP_FORCE", "ORCH_REAP_DRY_RUN", "ORCH_REAP_RECOVER"] {
+            let err = check_switch_variables(&env(var, "maybe")).unwrap_err();
+            assert_eq!(
+                crate::error::exit_kind(&err),
+                crate::error::ExitKind::Config,
+                "{var}"
+            );
+            assert!(err.to_string().contains(var), "{err}");
+            check_switch_variables(&env(var, "off")).unwrap();
+            check_switch_variables(&env(var, "")).unwrap();
+        }
+        // Only switch variables are booleans.
+        check_switch_variables(&env("ORCH_STOP_REASON", "maybe")).unwrap();
     }
 
     /// The switches that deliberately have no variable (see the comment above StopArgs).

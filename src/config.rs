@@ -4,14 +4,22 @@
 //! callers and tests never depend on the process environment. A value that does not parse
 //! is a configuration error (exit 78). Tokens are wrapped in [`Secret`], whose `Debug`
 //! never shows the value.
+//!
+//! [`Environment`] is the one reader of `ORCH_*` variables: configuration, secrets and the
+//! variables of command-line flags alike. It refuses a value that is not UTF-8 instead of
+//! reading it as unset (an undecodable webhook secret must not turn the signature check
+//! off), and [`parse_bool`] is the one reading of a boolean, for configuration and
+//! per-command switches alike: a typo is exit 78, never "on".
 
+use std::collections::BTreeMap;
+use std::ffi::OsString;
 use std::fmt;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Result;
 
-use crate::error::config_err;
+use crate::error::{config_err, Coded};
 
 /// Variables holding secrets: removed from the environment of every child orchctl starts
 /// (agents, git, the notify hook), which never need orchctl's own credentials.
@@ -143,21 +151,173 @@ pub struct Config {
 
 /// The default state folder: `$XDG_STATE_HOME/orchctl` or `~/.local/state/orchctl`.
 pub fn state_dir(get: &dyn Fn(&str) -> Option<String>) -> PathBuf {
-    if let Some(x) = get("XDG_STATE_HOME").filter(|v| !v.is_empty()) {
+    state_dir_from(
+        get("XDG_STATE_HOME").map(OsString::from),
+        get("HOME").map(OsString::from),
+    )
+}
+
+/// [`state_dir`] from the process environment. `HOME` and `XDG_STATE_HOME` are paths, read
+/// as bytes: a folder name that is not UTF-8 is still that folder, never `.`.
+pub fn process_state_dir() -> PathBuf {
+    state_dir_from(std::env::var_os("XDG_STATE_HOME"), std::env::var_os("HOME"))
+}
+
+fn state_dir_from(xdg: Option<OsString>, home: Option<OsString>) -> PathBuf {
+    if let Some(x) = xdg.filter(|v| !v.is_empty()) {
         return PathBuf::from(x).join("orchctl");
     }
-    let home = get("HOME").unwrap_or_else(|| ".".into());
+    let home = home.unwrap_or_else(|| ".".into());
     PathBuf::from(home).join(".local/state/orchctl")
 }
 
-/// Parses the boolean spellings of SPEC §11: `1/0`, `true/false`, `on/off` (and yes/no).
+/// The spellings [`parse_bool`] accepts, as they appear in messages.
+pub const BOOL_WORDS: &str = "1/0, true/false, on/off or yes/no";
+
+/// Parses the boolean spellings of SPEC §11: `1/0`, `true/false`, `on/off`, `yes/no`, in
+/// any case; blanks around the word are ignored, any other character (a Latin-1 or Unicode
+/// no-break space included) makes it no boolean. `name` is the variable, for the message.
+/// An empty value means unset and is the caller's to handle.
 pub fn parse_bool(name: &str, value: &str) -> Result<bool> {
-    match value.trim().to_ascii_lowercase().as_str() {
+    match value
+        .trim_matches(|c: char| c.is_ascii_whitespace())
+        .to_ascii_lowercase()
+        .as_str()
+    {
         "1" | "true" | "on" | "yes" => Ok(true),
         "0" | "false" | "off" | "no" => Ok(false),
         _ => Err(config_err(format!(
-            "{name}={value:?} is not a boolean (use 1/0, true/false or on/off)"
+            "{name}={value:?} is not a boolean (use {BOOL_WORDS}; empty = unset)"
         ))),
+    }
+}
+
+/// Whether `value` counts as unset: empty or only blanks.
+pub fn is_blank(value: &str) -> bool {
+    value
+        .trim_matches(|c: char| c.is_ascii_whitespace())
+        .is_empty()
+}
+
+/// The process environment as orchctl reads it, captured once: every `ORCH_*` variable,
+/// decoded, plus `COLUMNS`. Capturing refuses (exit 78, naming the variables, never their
+/// values) any `ORCH_*` value that is not valid UTF-8: such a value cannot be what the
+/// operator meant, and reading it as unset would silently drop a secret, a protected-branch
+/// list or a kill switch. `main` captures it before parsing the command line, so the
+/// variables clap reads for flags are refused the same way, before anything is opened.
+#[derive(Clone, Default)]
+pub struct Environment {
+    vars: BTreeMap<String, String>,
+}
+
+impl fmt::Debug for Environment {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Values may be secrets: only the names.
+        f.debug_set().entries(self.vars.keys()).finish()
+    }
+}
+
+/// Variables outside `ORCH_*` that orchctl reads through [`Environment`].
+const OTHER_VARS: [&str; 1] = ["COLUMNS"];
+
+impl Environment {
+    /// Reads the process environment.
+    pub fn capture() -> Result<Environment> {
+        Environment::from_os_pairs(std::env::vars_os())
+    }
+
+    /// Builds the environment from `(name, value)` pairs, as the process has them.
+    pub fn from_os_pairs(pairs: impl IntoIterator<Item = (OsString, OsString)>) -> Result<Self> {
+        let (env, mut undecodable) = Environment::decode(pairs);
+        if undecodable.is_empty() {
+            return Ok(env);
+        }
+        undecodable.sort();
+        let what = if undecodable.len() == 1 {
+            "holds a value that is"
+        } else {
+            "hold values that are"
+        };
+        Err(Coded::new(
+            crate::error::ExitKind::Config,
+            format!(
+                "{} {what} not valid UTF-8 and cannot be read",
+                undecodable.join(", ")
+            ),
+        )
+        .with_hint(
+            "save the environment file as UTF-8 (a Latin-1 byte, such as a no-break space, \
+             is the usual cause)",
+        )
+        .into())
+    }
+
+    /// The decodable variables, and the names of the `ORCH_*` ones that are not UTF-8.
+    fn decode(pairs: impl IntoIterator<Item = (OsString, OsString)>) -> (Environment, Vec<String>) {
+        let mut vars = BTreeMap::new();
+        let mut undecodable = Vec::new();
+        for (name, value) in pairs {
+            // A name that is not UTF-8 is no variable orchctl reads.
+            let Some(name) = name.to_str() else { continue };
+            if !name.starts_with("ORCH_") && !OTHER_VARS.contains(&name) {
+                continue;
+            }
+            match value.into_string() {
+                Ok(v) => {
+                    vars.insert(name.to_string(), v);
+                }
+                // COLUMNS is only a layout hint: an undecodable one is ignored.
+                Err(_) if !name.starts_with("ORCH_") => {}
+                Err(_) => undecodable.push(name.to_string()),
+            }
+        }
+        (Environment { vars }, undecodable)
+    }
+
+    /// Builds the environment from decoded pairs (tests, library callers).
+    pub fn from_pairs<K: Into<String>, V: Into<String>>(
+        pairs: impl IntoIterator<Item = (K, V)>,
+    ) -> Environment {
+        Environment {
+            vars: pairs
+                .into_iter()
+                .map(|(k, v)| (k.into(), v.into()))
+                .collect(),
+        }
+    }
+
+    /// The value of `name`, if set (possibly empty).
+    pub fn get(&self, name: &str) -> Option<&str> {
+        self.vars.get(name).map(String::as_str)
+    }
+
+    /// The value of `name` when it is set and not blank.
+    pub fn value(&self, name: &str) -> Option<&str> {
+        self.get(name).filter(|v| !is_blank(v))
+    }
+
+    /// Every variable whose name starts with `prefix`, in name order.
+    pub fn with_prefix<'a>(&'a self, prefix: &'a str) -> impl Iterator<Item = (&'a str, &'a str)> {
+        self.vars
+            .range(prefix.to_string()..)
+            .take_while(move |(k, _)| k.starts_with(prefix))
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+    }
+
+    /// The boolean variable `name`: `default` when unset or blank; exit 78 when it is no
+    /// boolean.
+    pub fn boolean(&self, name: &str, default: bool) -> Result<bool> {
+        match self.value(name) {
+            Some(v) => parse_bool(name, v),
+            None => Ok(default),
+        }
+    }
+
+    /// The text width `COLUMNS` asks for, when it is a positive number.
+    pub fn columns(&self) -> Option<usize> {
+        self.value("COLUMNS")
+            .and_then(|v| v.trim().parse::<usize>().ok())
+            .filter(|&n| n > 0)
     }
 }
 
@@ -186,14 +346,26 @@ fn pairs(name: &str, value: Option<String>) -> Result<Vec<(String, String)>> {
 }
 
 impl Config {
-    /// Reads the process environment.
+    /// Reads the process environment (refusing undecodable values, see [`Environment`]).
     pub fn from_env() -> Result<Config> {
-        Config::from_lookup(&|k| std::env::var(k).ok())
+        Config::from_environment(&Environment::capture()?)
     }
 
-    /// Reads configuration through `get` (tests pass a map).
+    /// Reads configuration from a captured environment; the default folders come from the
+    /// process's `XDG_STATE_HOME` / `HOME`.
+    pub fn from_environment(env: &Environment) -> Result<Config> {
+        Config::read(&|k| env.get(k).map(String::from), process_state_dir())
+    }
+
+    /// Reads configuration through `get` (tests pass a map), `HOME` included.
     pub fn from_lookup(get: &dyn Fn(&str) -> Option<String>) -> Result<Config> {
-        let nonempty = |k: &str| get(k).filter(|v| !v.trim().is_empty());
+        Config::read(get, state_dir(get))
+    }
+
+    fn read(get: &dyn Fn(&str) -> Option<String>, state: PathBuf) -> Result<Config> {
+        // Only ASCII blanks make a value empty: a lone Unicode no-break space in a secret
+        // is a value, not a reason to switch the signature check off.
+        let nonempty = |k: &str| get(k).filter(|v| !is_blank(v));
         let boolean = |k: &str, default: bool| -> Result<bool> {
             match nonempty(k) {
                 Some(v) => parse_bool(k, &v),
@@ -224,8 +396,6 @@ impl Config {
                 None => Ok(Duration::from_secs_f64(default)),
             }
         };
-        let state = state_dir(get);
-
         let gitea = match nonempty("ORCH_GITEA_URL") {
             Some(url) => Some(Gitea {
                 url: url.trim().trim_end_matches('/').to_string(),
@@ -361,16 +531,24 @@ pub fn scrub_text(secrets: &[&str], text: &str) -> String {
 }
 
 /// Scrubs the secrets of the process environment from `text`: for error messages printed
-/// when no [`Config`] could be built.
+/// when no [`Config`] could be built. Reads through [`Environment`] too, keeping the
+/// decodable secrets even when another variable could not be decoded.
 pub fn scrub_env(text: &str) -> String {
-    let mut values: Vec<String> = SECRET_VARS
-        .iter()
-        .filter_map(|k| std::env::var(k).ok())
-        .map(|v| v.trim().to_string())
-        .collect();
-    values.sort_by_key(|s| std::cmp::Reverse(s.len()));
-    let refs: Vec<&str> = values.iter().map(String::as_str).collect();
-    scrub_text(&refs, text)
+    let (env, _) = Environment::decode(std::env::vars_os());
+    env.scrub(text)
+}
+
+impl Environment {
+    /// Replaces the value of every secret variable in `text` by `***`.
+    pub fn scrub(&self, text: &str) -> String {
+        let mut values: Vec<&str> = SECRET_VARS
+            .iter()
+            .filter_map(|k| self.get(k))
+            .map(|v| v.trim())
+            .collect();
+        values.sort_by_key(|s| std::cmp::Reverse(s.len()));
+        scrub_text(&values, text)
+    }
 }
 
 #[cfg(test)]
@@ -402,25 +580,88 @@ mod tests {
     }
 
     #[test]
-    fn booleans_accept_the_three_spellings() {
+    fn booleans_accept_the_four_spellings_in_any_case_and_nothing_else() {
         for (v, want) in [
             ("1", true),
             ("0", false),
             ("true", true),
-            ("off", false),
+            ("False", false),
             ("ON", true),
+            ("off", false),
+            ("Yes", true),
+            ("NO", false),
+            (" off\t", false),
+            ("", true),
+            ("  ", true),
         ] {
             assert_eq!(
                 cfg(&[("ORCH_STOP_ENABLED", v)]).unwrap().stop_enabled,
                 want,
-                "{v}"
+                "{v:?}"
             );
         }
-        let err = cfg(&[("ORCH_STOP_ENABLED", "maybe")]).unwrap_err();
+        for v in [
+            "maybe",
+            "y",
+            "n",
+            "t",
+            "f",
+            "2",
+            "-1",
+            "offf",
+            "of",
+            "off\u{a0}",
+            "\u{a0}off",
+            "o n",
+        ] {
+            let err = cfg(&[("ORCH_SERIAL_GATE", v)]).unwrap_err();
+            assert_eq!(
+                crate::error::exit_kind(&err),
+                crate::error::ExitKind::Config,
+                "{v:?}"
+            );
+            assert!(err.to_string().starts_with("ORCH_SERIAL_GATE="), "{err}");
+        }
+    }
+
+    #[test]
+    fn an_undecodable_orch_value_is_refused_naming_it_never_read_as_unset() {
+        use std::os::unix::ffi::OsStringExt;
+        let os = |s: &str| OsString::from(s);
+        let raw = |b: &[u8]| OsString::from_vec(b.to_vec());
+        let err = Environment::from_os_pairs([
+            (os("ORCH_PLANE_WEBHOOK_SECRET"), raw(b"s\xe9cret")),
+            (os("ORCH_STOP_ENABLED"), raw(b"off\xa0")),
+            (os("ORCH_REPOS_DIR"), os("/srv/repos")),
+        ])
+        .unwrap_err();
         assert_eq!(
             crate::error::exit_kind(&err),
             crate::error::ExitKind::Config
         );
+        let msg = err.to_string();
+        assert!(
+            msg.starts_with("ORCH_PLANE_WEBHOOK_SECRET, ORCH_STOP_ENABLED hold values"),
+            "{msg}"
+        );
+        assert!(!msg.contains("cret"), "never the value: {msg}");
+        // Other variables are not orchctl's to judge; an odd COLUMNS is only ignored.
+        let env = Environment::from_os_pairs([
+            (os("LANG"), raw(b"\xff")),
+            (os("COLUMNS"), raw(b"8\xff")),
+            (os("ORCH_TASK_DEPS"), os("off")),
+        ])
+        .unwrap();
+        assert_eq!(env.columns(), None);
+        assert!(!Config::from_environment(&env).unwrap().task_deps);
+    }
+
+    #[test]
+    fn a_unicode_blank_secret_is_a_value_not_unset() {
+        let c = cfg(&[("ORCH_PLANE_WEBHOOK_SECRET", "\u{a0}")]).unwrap();
+        assert!(c.webhook_secret.is_some());
+        let c = cfg(&[("ORCH_PLANE_WEBHOOK_SECRET", " \t")]).unwrap();
+        assert!(c.webhook_secret.is_none());
     }
 
     #[test]

@@ -51,5 +51,5 @@ impl Ctx {
 
 /// The database path: `--db` / `ORCH_DB_PATH`, else `$XDG_STATE_HOME/orchctl/orch.db`.
 pub fn default_db_path() -> PathBuf {
-    config::state_dir(&|k| std::env::var(k).ok()).join("orch.db")
+    config::process_state_dir().join("orch.db")
 }

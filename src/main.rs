@@ -8,8 +8,8 @@ use anyhow::{Context, Result};
 use serde::Serialize;
 use serde_json::{json, Value};
 
-use orchctl::cli::{Cli, Command, DeployOutcomeArg, Format, TaskCommand};
-use orchctl::config::scrub_env;
+use orchctl::cli::{Cli, Command, DeployOutcomeArg, Format, ParseError, TaskCommand};
+use orchctl::config::{scrub_env, Environment};
 use orchctl::error::{self, ExitKind};
 use orchctl::pipeline::Trigger;
 use orchctl::{
@@ -117,10 +117,39 @@ fn usage_error(e: &clap::Error) -> (String, Option<String>) {
     (message, Some(hints.join("; ")))
 }
 
+/// Prints `err` as SPEC §9's one line (+ hint) and returns its exit code.
+fn fail(err: &anyhow::Error) -> ExitCode {
+    // Messages are built from names and ids, never tokens; scrubbing is the backstop for
+    // text that came from outside (git's stderr, a server's answer).
+    eprintln!("orchctl: {}", scrub_env(&format!("{err:#}")));
+    if let Some(h) = error::hint(err) {
+        eprintln!("orchctl: hint: {}", scrub_env(&h));
+    }
+    ExitCode::from(error::exit_kind(err).code())
+}
+
+/// The width text output must fit: `COLUMNS` when set, else the terminal's (stdout's, or
+/// stderr's when stdout is piped into a pager); `None` when there is no terminal.
+fn text_width(env: &Environment) -> Option<usize> {
+    env.columns().or_else(|| {
+        terminal_size::terminal_size_of(std::io::stdout())
+            .or_else(|| terminal_size::terminal_size_of(std::io::stderr()))
+            .map(|(w, _)| w.0 as usize)
+            .filter(|&w| w > 0)
+    })
+}
+
 fn main() -> ExitCode {
-    let cli = match orchctl::cli::try_parse() {
+    // Every ORCH_* variable is read (an undecodable value refused) and every switch
+    // variable checked before clap parses, so clap only ever sees values that passed.
+    let environment = match Environment::capture() {
+        Ok(env) => env,
+        Err(err) => return fail(&err),
+    };
+    let cli = match orchctl::cli::try_parse(&environment) {
         Ok(c) => c,
-        Err(e) => {
+        Err(ParseError::Config(err)) => return fail(&err),
+        Err(ParseError::Usage(e)) => {
             use clap::error::ErrorKind;
             if !e.use_stderr() {
                 // --help and --version.
@@ -146,23 +175,26 @@ fn main() -> ExitCode {
     } else {
         Format::Json
     });
-    match run(cli) {
-        Ok(Some(output)) => emit(output, format),
+    if std::io::stderr().is_terminal() {
+        // A person is watching: say why a stop does not return yet.
+        orchctl::integrations::process::set_wait_reporter(|w| {
+            eprintln!(
+                "orchctl: waiting up to {} s for agent pid {} to exit after SIGTERM \
+                 (SIGKILL then; ORCH_STOP_GRACE_SECS)",
+                w.grace.as_secs_f64(),
+                w.pid
+            );
+        });
+    }
+    let width = text_width(&environment);
+    match run(cli, &environment) {
+        Ok(Some(output)) => emit(output, format, width),
         Ok(None) => ExitCode::from(ExitKind::NothingToClaim.code()),
-        Err(err) => {
-            let kind = error::exit_kind(&err);
-            // Messages are built from names and ids, never tokens; scrubbing is the backstop
-            // for text that came from outside (git's stderr, a server's answer).
-            eprintln!("orchctl: {}", scrub_env(&format!("{err:#}")));
-            if let Some(h) = error::hint(&err) {
-                eprintln!("orchctl: hint: {}", scrub_env(&h));
-            }
-            ExitCode::from(kind.code())
-        }
+        Err(err) => fail(&err),
     }
 }
 
-fn emit(output: Output, format: Format) -> ExitCode {
+fn emit(output: Output, format: Format, width: Option<usize>) -> ExitCode {
     if let Some(w) = &output.warning {
         eprintln!("orchctl: warning: {}", scrub_env(w));
     }
@@ -171,10 +203,10 @@ fn emit(output: Output, format: Format) -> ExitCode {
         (None, Format::Json) => format!("{}\n", output.json),
         // Titles and reasons come from Plane and operators: a terminal must not receive
         // their escape sequences (JSON escapes them by itself).
-        (None, Format::Text) => render::printable(&match output.text {
+        (None, Format::Text) => render::printable(&render::layout(width, || match output.text {
             Some(f) => f(&output.json),
             None => render::generic(&output.json),
-        }),
+        })),
     };
     let mut stdout = std::io::stdout().lock();
     match stdout
@@ -192,8 +224,8 @@ fn emit(output: Output, format: Format) -> ExitCode {
 }
 
 /// `Ok(None)` means "nothing to claim" (exit 3).
-fn run(cli: Cli) -> Result<Option<Output>> {
-    let config = Config::from_env()?;
+fn run(cli: Cli, environment: &Environment) -> Result<Option<Output>> {
+    let config = Config::from_environment(environment)?;
     let db = cli.db.unwrap_or_else(orchctl::default_db_path);
     let ctx = match Ctx::open(&db, config.clone()) {
         Ok(ctx) => ctx,
@@ -322,6 +354,14 @@ fn run(cli: Cli) -> Result<Option<Output>> {
         )?,
         Command::Queue(q) => laid_out(&queue::snapshot(&ctx, q.recent), render::queue)?,
         Command::Event(e) => {
+            if std::io::stdin().is_terminal() {
+                // Not a webhook server's pipe: someone typed the command and would wait on
+                // a silent prompt.
+                eprintln!(
+                    "orchctl: waiting for a Plane delivery body on stdin \
+                     (end it with Ctrl-D; a webhook server pipes it in)"
+                );
+            }
             let body = read_body().context("reading the delivery body from stdin")?;
             laid_out(
                 &event::handle(

@@ -5,11 +5,72 @@
 //! failing. Commands people read often have their own layout: a headline saying what
 //! happened, the few facts that matter, and aligned tables. Times drop their fractional
 //! seconds; nothing here decides anything or touches the database.
+//!
+//! Text fits the width `main` found (the terminal's, or `COLUMNS`) when it found one:
+//! tables cut their widest cells with `~`, a `key  value` line cuts its value, and any
+//! other line longer than the width is cut at the end — never wrapped. The width is set
+//! around a whole rendering by [`layout`] (so every layout, present or future, keeps its
+//! `fn(&Value) -> String` shape); without one, lines keep their length.
+
+use std::cell::Cell;
 
 use serde_json::{Map, Value};
 
-/// The widest a table cell gets before it is cut (the last column is never cut).
+/// The widest a table cell gets before it is cut (the last column is never cut) when no
+/// width is known: piped text stays greppable, yet one huge cell does not push the others
+/// off every screen.
 const MAX_CELL: usize = 60;
+
+/// The narrowest a column is cut to while a table is fitted to the width.
+const MIN_CELL: usize = 4;
+
+/// Columns this narrow (an agent, a status, a stage) are cut only when cutting the wide
+/// ones is not enough.
+const KEEP_CELL: usize = 12;
+
+thread_local! {
+    /// The width the text being rendered must fit, less the indent it will be given.
+    static WIDTH: Cell<Option<usize>> = const { Cell::new(None) };
+}
+
+/// Runs `render` with the width `width` (columns; `None` = unlimited), then cuts every line
+/// still longer than it (with `~`).
+pub fn layout(width: Option<usize>, render: impl FnOnce() -> String) -> String {
+    let before = WIDTH.with(|w| w.replace(width));
+    let text = render();
+    WIDTH.with(|w| w.set(before));
+    match width {
+        Some(max) => fit_lines(&text, max),
+        None => text,
+    }
+}
+
+/// `text` with each line longer than `max` characters cut to `max`, ending in `~`.
+pub fn fit_lines(text: &str, max: usize) -> String {
+    let mut out = String::with_capacity(text.len());
+    for line in text.split_inclusive('\n') {
+        let (body, newline) = match line.strip_suffix('\n') {
+            Some(b) => (b, "\n"),
+            None => (line, ""),
+        };
+        out.push_str(&cut(body.to_string(), max));
+        out.push_str(newline);
+    }
+    out
+}
+
+/// The width left for the text being rendered, if any.
+fn width() -> Option<usize> {
+    WIDTH.with(Cell::get)
+}
+
+/// `render`'s text, laid out `by` columns narrower, indented by `by`.
+fn indented(by: usize, render: impl FnOnce() -> String) -> String {
+    let before = WIDTH.with(|w| w.replace(w.get().map(|n| n.saturating_sub(by).max(1))));
+    let text = render();
+    WIDTH.with(|w| w.set(before));
+    indent(&text, by)
+}
 
 fn scalar(v: &Value) -> Option<String> {
     match v {
@@ -96,10 +157,13 @@ fn cut(s: String, max: usize) -> String {
     }
 }
 
-/// An aligned table: `columns` are `(header, key)`; missing cells print `-`.
+/// An aligned table: `columns` are `(header, key)`; missing cells print `-`. With a width
+/// (see [`layout`]) the widest columns are cut, all to the same width, until a row fits.
 pub fn table_with(columns: &[(&str, &str)], rows: &[Value]) -> String {
     let last = columns.len().saturating_sub(1);
-    let cells: Vec<Vec<String>> = rows
+    let fitting = width();
+    let mut headers: Vec<String> = columns.iter().map(|(h, _)| h.to_string()).collect();
+    let mut cells: Vec<Vec<String>> = rows
         .iter()
         .map(|r| {
             columns
@@ -107,7 +171,7 @@ pub fn table_with(columns: &[(&str, &str)], rows: &[Value]) -> String {
                 .enumerate()
                 .map(|(i, (_, key))| {
                     let c = cell(r.get(*key));
-                    if i == last {
+                    if i == last && fitting.is_none() {
                         c
                     } else {
                         cut(c, MAX_CELL)
@@ -116,10 +180,43 @@ pub fn table_with(columns: &[(&str, &str)], rows: &[Value]) -> String {
                 .collect()
         })
         .collect();
-    let mut widths: Vec<usize> = columns.iter().map(|(h, _)| h.chars().count()).collect();
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.chars().count()).collect();
     for row in &cells {
         for (i, c) in row.iter().enumerate() {
             widths[i] = widths[i].max(c.chars().count());
+        }
+    }
+    if let Some(max) = fitting {
+        let rigid: Vec<bool> = (0..widths.len())
+            .map(|i| !cells.is_empty() && cells.iter().all(|row| rigid(&row[i])))
+            .collect();
+        // First the long free-text columns give way, the last one (an error, a reason, a
+        // branch) down to almost nothing, while short ones stay whole; only when that is
+        // not enough is every column but the rigid ones cut.
+        let floors = |keep: usize| -> Vec<usize> {
+            widths
+                .iter()
+                .enumerate()
+                .map(|(i, &w)| match (rigid[i], i == last) {
+                    (true, _) => w,
+                    (false, true) => w.min(MIN_CELL),
+                    (false, false) => w.min(keep),
+                })
+                .collect()
+        };
+        let gaps = 2 * widths.len().saturating_sub(1);
+        let mut fitted = fit_columns(&widths, &floors(KEEP_CELL), max);
+        if fitted.iter().sum::<usize>() + gaps > max {
+            fitted = fit_columns(&widths, &floors(MIN_CELL), max);
+        }
+        if fitted != widths {
+            for (i, w) in fitted.iter().enumerate() {
+                headers[i] = cut(std::mem::take(&mut headers[i]), *w);
+                for row in &mut cells {
+                    row[i] = cut(std::mem::take(&mut row[i]), *w);
+                }
+            }
+            widths = fitted;
         }
     }
     let line = |items: Vec<String>| -> String {
@@ -141,11 +238,61 @@ pub fn table_with(columns: &[(&str, &str)], rows: &[Value]) -> String {
         l.push('\n');
         l
     };
-    let mut out = line(columns.iter().map(|(h, _)| h.to_string()).collect());
+    let mut out = line(headers);
     for row in cells {
         out.push_str(&line(row));
     }
     out
+}
+
+/// Column widths that fit `max` with two-space gaps: the widest columns come down to one
+/// common width (none below its floor), the spare columns of that rounding going to the
+/// leftmost of them. Unchanged when the table fits already; the floors when even they do
+/// not fit (the line is then cut at the end).
+fn fit_columns(widths: &[usize], floors: &[usize], max: usize) -> Vec<usize> {
+    let gaps = 2 * widths.len().saturating_sub(1);
+    let at = |level: usize| -> Vec<usize> {
+        widths
+            .iter()
+            .zip(floors)
+            .map(|(&w, &f)| w.min(level.max(f)))
+            .collect()
+    };
+    let total = |level: usize| -> usize { gaps + at(level).iter().sum::<usize>() };
+    let widest = widths.iter().copied().max().unwrap_or(0);
+    if total(widest) <= max {
+        return widths.to_vec();
+    }
+    // The largest common width at which the table fits (the total grows with the level).
+    let (mut lo, mut hi) = (0, widest);
+    while lo < hi {
+        let mid = (lo + hi).div_ceil(2);
+        if total(mid) <= max {
+            lo = mid;
+        } else {
+            hi = mid - 1;
+        }
+    }
+    let mut out = at(lo);
+    let mut spare = max.saturating_sub(total(lo));
+    for (i, w) in out.iter_mut().enumerate() {
+        if spare == 0 {
+            break;
+        }
+        if widths[i] > *w {
+            *w += 1;
+            spare -= 1;
+        }
+    }
+    out
+}
+
+/// Whether a cell is a fixed-shape value (a number, a time, `-`) that a cut would make
+/// meaningless: columns of them are cut last.
+fn rigid(cell: &str) -> bool {
+    cell == "-"
+        || cell.bytes().all(|b| b.is_ascii_digit() || b == b'/')
+        || (cell.len() == 20 && cell.as_bytes()[10] == b'T' && cell.ends_with('Z'))
 }
 
 /// An aligned table whose headers are the upper-cased keys.
@@ -172,9 +319,16 @@ fn facts(pairs: &[(&str, Option<String>)], by: usize) -> String {
         .collect();
     let width = shown.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
     let pad = " ".repeat(by);
+    let room = self::width().map(|w| w.saturating_sub(by + width + 2).max(MIN_CELL));
     shown
         .into_iter()
-        .map(|(k, v)| format!("{pad}{k:width$}  {v}\n"))
+        .map(|(k, v)| {
+            let v = match room {
+                Some(room) => cut(v.clone(), room),
+                None => v.clone(),
+            };
+            format!("{pad}{k:width$}  {v}\n")
+        })
         .collect()
 }
 
@@ -212,7 +366,7 @@ fn object(out: &mut String, m: &Map<String, Value>, by: usize) {
             out.push_str(&format!("{pad}{k}:\n"));
             let cols = table_columns(items);
             let cols: Vec<&str> = cols.iter().map(String::as_str).collect();
-            out.push_str(&indent(&table(&cols, items), by + 2));
+            out.push_str(&indented(by + 2, || table(&cols, items)));
         }
     }
 }
@@ -414,12 +568,12 @@ pub fn task_show(v: &Value) -> String {
     if jobs.is_empty() {
         out.push_str("  none\n");
     } else {
-        out.push_str(&indent(&table_with(&JOB_COLUMNS, &job_rows(jobs)), 2));
+        out.push_str(&indented(2, || table_with(&JOB_COLUMNS, &job_rows(jobs))));
     }
     let effects = array(v, "outbox");
     if !effects.is_empty() {
         out.push_str("\nside effects:\n");
-        out.push_str(&indent(&effects_table(effects), 2));
+        out.push_str(&indented(2, || effects_table(effects)));
     }
     out
 }
@@ -724,10 +878,9 @@ pub fn reconcile(v: &Value) -> String {
     }
     if !errors.is_empty() {
         out.push_str("\nerrors:\n");
-        out.push_str(&indent(
-            &table_with(&[("TASK", "task_id"), ("ERROR", "error")], &errors),
-            2,
-        ));
+        out.push_str(&indented(2, || {
+            table_with(&[("TASK", "task_id"), ("ERROR", "error")], &errors)
+        }));
     }
     out
 }
@@ -959,15 +1112,14 @@ pub fn queue(v: &Value) -> String {
     }
 
     let mut out = facts(&lines, 0);
-    let mut section = |title: &str, body: String| {
+    let mut section = |title: &str, body: &dyn Fn() -> String| {
         out.push('\n');
         out.push_str(title);
         out.push('\n');
-        out.push_str(&indent(&body, 2));
+        out.push_str(&indented(2, body));
     };
     if !leases.is_empty() {
-        section(
-            "merge leases:",
+        section("merge leases:", &|| {
             table_with(
                 &[
                     ("REPO", "repo"),
@@ -976,23 +1128,21 @@ pub fn queue(v: &Value) -> String {
                     ("BRANCH", "branch"),
                 ],
                 leases,
-            ),
-        );
+            )
+        });
     }
     if !blocked.is_empty() {
-        section(
-            "blocked tasks:",
+        section("blocked tasks:", &|| {
             table_with(
                 &[("TASK", "task_id"), ("WAITING ON", "waiting_on")],
                 blocked,
-            ),
-        );
+            )
+        });
     }
     for (key, _, title) in AWAITING {
         let rows = array(waiting, key);
         if !rows.is_empty() {
-            section(
-                title,
+            section(title, &|| {
                 table_with(
                     &[
                         ("TASK", "id"),
@@ -1002,18 +1152,19 @@ pub fn queue(v: &Value) -> String {
                         ("REPO", "repo"),
                     ],
                     rows,
-                ),
-            );
+                )
+            });
         }
     }
     let recent = array(v, "recent");
     if !recent.is_empty() {
-        section("recent jobs:", table_with(&JOB_COLUMNS, &job_rows(recent)));
+        section("recent jobs:", &|| {
+            table_with(&JOB_COLUMNS, &job_rows(recent))
+        });
     }
     let items = array(ob, "items");
     if !items.is_empty() {
-        section(
-            "open side effects:",
+        section("open side effects:", &|| {
             table_with(
                 &[
                     ("ID", "id"),
@@ -1025,13 +1176,12 @@ pub fn queue(v: &Value) -> String {
                     ("LAST ERROR", "last_error"),
                 ],
                 items,
-            ),
-        );
+            )
+        });
     }
     let stops = array(stop, "recent");
     if !stops.is_empty() {
-        section(
-            "recent stops:",
+        section("recent stops:", &|| {
             table_with(
                 &[
                     ("TASK", "id"),
@@ -1041,8 +1191,8 @@ pub fn queue(v: &Value) -> String {
                     ("REASON", "cancel_reason"),
                 ],
                 stops,
-            ),
-        );
+            )
+        });
     }
     out
 }
@@ -1074,6 +1224,57 @@ mod tests {
             "{row}"
         );
         assert!(row.ends_with(&long));
+    }
+
+    #[test]
+    fn with_a_width_the_widest_columns_are_cut_to_one_width_and_rigid_ones_kept() {
+        let rows = [json!({
+            "id": 7, "agent": "developer", "at": "2026-01-02T03:04:05Z",
+            "repo": "r".repeat(40), "error": "e".repeat(200),
+        })];
+        let cols = [
+            ("ID", "id"),
+            ("AGENT", "agent"),
+            ("AT", "at"),
+            ("REPO", "repo"),
+            ("ERROR", "error"),
+        ];
+        let t = layout(Some(60), || table_with(&cols, &rows));
+        for l in t.lines() {
+            assert!(l.chars().count() <= 60, "{t}");
+        }
+        let row = t.lines().nth(1).unwrap();
+        assert!(
+            row.starts_with("7   developer  2026-01-02T03:04:05Z  rrr"),
+            "{t}"
+        );
+        assert!(row.ends_with("e~"), "{t}");
+        assert_eq!(t.lines().count(), 2, "never wrapped: {t}");
+        // Without a width the same table keeps its length (the last column whole).
+        let full = table_with(&cols, &rows);
+        assert!(full.lines().nth(1).unwrap().ends_with(&"e".repeat(200)));
+    }
+
+    #[test]
+    fn column_widths_fit_exactly_when_they_can() {
+        // Gaps: 2 × 2 = 4; 30 - 4 = 26 left for the three columns.
+        assert_eq!(fit_columns(&[3, 50, 50], &[3, 4, 4], 30), vec![3, 12, 11]);
+        assert_eq!(fit_columns(&[3, 5, 6], &[3, 4, 4], 30), vec![3, 5, 6]);
+        // Floors that do not fit come back as they are (the line is cut later).
+        assert_eq!(
+            fit_columns(&[20, 20, 20], &[20, 20, 4], 30),
+            vec![20, 20, 4]
+        );
+    }
+
+    #[test]
+    fn lines_longer_than_the_width_are_cut_not_wrapped() {
+        assert_eq!(fit_lines("abcdef\nab\nabcdefgh", 5), "abcd~\nab\nabcd~");
+        let text = layout(Some(10), || "a line that is far too long\n".into());
+        assert_eq!(text, "a line th~\n");
+        // `key  value` lines cut the value.
+        let f = layout(Some(20), || facts(&[("title", Some("x".repeat(50)))], 2));
+        assert_eq!(f, format!("  title  {}~\n", "x".repeat(10)));
     }
 
     #[test]

@@ -35,7 +35,11 @@ pub struct Added {
 
 /// Inserts a task and the first job of its stage; used by `task add` and by Plane intake.
 pub fn insert_with_job(w: &Writer, new: &NewTask, source: &str) -> Result<(i64, Option<i64>)> {
-    let id = w.insert_task(new).map_err(|e| duplicate_or(e, new))?;
+    let id = match w.insert_task(new) {
+        Ok(id) => id,
+        Err(e) if is_unique_violation(&e) => return Err(duplicate(w, new)),
+        Err(e) => return Err(e),
+    };
     w.event(
         Some(id),
         "created",
@@ -56,23 +60,49 @@ pub fn insert_with_job(w: &Writer, new: &NewTask, source: &str) -> Result<(i64, 
     Ok((id, job))
 }
 
-fn duplicate_or(e: anyhow::Error, new: &NewTask) -> anyhow::Error {
-    let unique = e.chain().any(|c| {
+fn is_unique_violation(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
         matches!(
             c.downcast_ref::<rusqlite::Error>(),
             Some(rusqlite::Error::SqliteFailure(f, _))
                 if f.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_UNIQUE
         )
-    });
-    if unique {
-        bad_input(format!(
-            "a live task already has work item {:?} or Plane id {:?}",
+    })
+}
+
+/// Exit 65 naming the task that already holds `new`'s work item id or Plane id (the failed
+/// INSERT ended only its own statement: the transaction can still read).
+fn duplicate(w: &Writer, new: &NewTask) -> anyhow::Error {
+    let holder = w
+        .task_holding_keys(new.work_item_id.as_deref(), new.plane_id.as_deref())
+        .ok()
+        .flatten();
+    let Some(t) = holder else {
+        return bad_input(format!(
+            "a task already has work item {:?} or Plane id {:?}",
             new.work_item_id.as_deref().unwrap_or(""),
             new.plane_id.as_deref().unwrap_or("")
-        ))
+        ));
+    };
+    let key = if t.work_item_id.is_some() && t.work_item_id == new.work_item_id {
+        format!("work item {:?}", t.work_item_id.as_deref().unwrap_or(""))
     } else {
-        e
-    }
+        format!("Plane id {:?}", t.plane_id.as_deref().unwrap_or(""))
+    };
+    let name = match t.original_work_item() {
+        Some(w) => format!("task {} ({w}, {}, repo {})", t.id, t.stage, t.repo),
+        None => format!("task {} ({}, repo {})", t.id, t.stage, t.repo),
+    };
+    let err = Coded::new(ExitKind::DataErr, format!("{name} already has {key}"));
+    let err = if t.is_terminal() {
+        err
+    } else {
+        err.with_hint(format!(
+            "`orchctl task show {}` shows it; stopping it frees its keys",
+            t.id
+        ))
+    };
+    err.into()
 }
 
 pub fn add(ctx: &Ctx, a: &AddTask) -> Result<Added> {

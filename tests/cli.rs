@@ -259,7 +259,7 @@ fn help_shows_the_exit_codes_and_every_variable() {
 }
 
 #[test]
-fn switch_variables_turn_switches_on_and_falsey_values_leave_them_off() {
+fn switch_variables_turn_switches_on_and_off_words_leave_them_off() {
     let mut env = Env::new();
     for (value, dry) in [
         ("1", true),

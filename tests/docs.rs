@@ -103,17 +103,62 @@ fn a_new_flag_makes_the_committed_files_stale() {
     );
 }
 
-/// `tool` when it is installed here; tests that need it are skipped (with a note) when not.
-fn installed(tool: &str) -> bool {
+/// The tools the documentation checks run, with the Debian package that has each: `.ci/run`
+/// and `scripts/test` install the missing ones (a test checks that they do).
+const TOOLS: [(&str, &str); 5] = [
+    ("bash", "bash"),
+    ("zsh", "zsh"),
+    ("fish", "fish"),
+    ("man", "man-db"),
+    ("systemd-analyze", "systemd"),
+];
+
+/// Fails the calling test when `tool` is not installed: a check that cannot run must not
+/// pass as if it had (`.ci/run` installs every tool of [`TOOLS`]).
+fn require(tool: &str) {
     let found = Command::new("sh")
         .args(["-c", &format!("command -v {tool}")])
         .output()
         .map(|o| o.status.success())
         .unwrap_or(false);
-    if !found {
-        eprintln!("note: {tool} is not installed: its check is skipped");
+    let package = TOOLS
+        .iter()
+        .find(|(t, _)| *t == tool)
+        .map_or(tool, |(_, p)| *p);
+    assert!(
+        found,
+        "{tool} is not installed, so its check cannot run: apt-get install {package} \
+         (.ci/run and scripts/test install it)"
+    );
+}
+
+/// A missing tool fails its check (it used to return early and pass).
+#[test]
+fn a_missing_tool_fails_its_check_instead_of_passing() {
+    let missing = std::panic::catch_unwind(|| require("orchctl-no-such-shell"));
+    let message = missing.expect_err("a missing tool must fail the test");
+    let text = message
+        .downcast_ref::<String>()
+        .cloned()
+        .unwrap_or_default();
+    assert!(
+        text.contains("orchctl-no-such-shell is not installed"),
+        "{text}"
+    );
+    require("sh");
+}
+
+#[test]
+fn ci_and_the_test_script_install_every_tool_the_checks_need() {
+    for script in [".ci/run", "scripts/test"] {
+        let text = read(script);
+        for (tool, package) in TOOLS {
+            assert!(
+                text.contains(&format!("{tool}:{package}")),
+                "{script} does not install {package} (for {tool})"
+            );
+        }
     }
-    found
 }
 
 fn sh(program: &str, args: &[&str]) -> (bool, String, String) {
@@ -128,6 +173,141 @@ fn sh(program: &str, args: &[&str]) -> (bool, String, String) {
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
+}
+
+/// What bash completes for the words `line` (the last one being completed).
+fn bash_completes(line: &str) -> Vec<String> {
+    let words: Vec<&str> = line.split(' ').collect();
+    let script = format!(
+        "source completions/orchctl.bash && COMP_WORDS=({}) COMP_CWORD={} \
+         COMP_LINE='{line}' COMP_POINT={} && _orchctl orchctl '{}' '{}' && \
+         printf '%s\\n' \"${{COMPREPLY[@]}}\"",
+        words
+            .iter()
+            .map(|w| format!("'{w}'"))
+            .collect::<Vec<_>>()
+            .join(" "),
+        words.len() - 1,
+        line.len(),
+        words[words.len() - 1],
+        words[words.len() - 2],
+    );
+    let (ok, out, err) = sh("bash", &["-c", &script]);
+    assert!(ok, "{err}");
+    let mut v: Vec<String> = out.lines().map(String::from).collect();
+    v.sort();
+    v
+}
+
+/// What fish completes for `line`.
+fn fish_completes(line: &str) -> Vec<String> {
+    let (ok, out, err) = sh(
+        "fish",
+        &[
+            "-c",
+            &format!("source completions/orchctl.fish; complete -C '{line}'"),
+        ],
+    );
+    assert!(ok, "{err}");
+    let mut v: Vec<String> = out
+        .lines()
+        .map(|l| l.split('\t').next().unwrap().to_string())
+        .collect();
+    v.sort();
+    v
+}
+
+fn sorted(names: &[&str]) -> Vec<String> {
+    let mut v: Vec<String> = names.iter().map(|s| s.to_string()).collect();
+    v.sort();
+    v
+}
+
+/// `--agent` and `--stage` complete the names the command accepts, not file names, in all
+/// three shells.
+#[test]
+fn completions_offer_agent_and_stage_names() {
+    require("bash");
+    require("fish");
+    let agents = sorted(&orchctl::cli::agent_names());
+    let stages = sorted(&orchctl::pipeline::STAGES);
+    let live = sorted(&orchctl::pipeline::LIVE_STAGES);
+    for (line, want) in [
+        ("orchctl claim --agent ", &agents),
+        ("orchctl task list --stage ", &stages),
+        ("orchctl task add --stage ", &live),
+    ] {
+        assert_eq!(&bash_completes(line), want, "bash: {line}");
+        assert_eq!(&fish_completes(line), want, "fish: {line}");
+    }
+    let zsh = read("completions/_orchctl");
+    for (spec, names) in [
+        ("--agent=", orchctl::cli::agent_names().join(" ")),
+        ("--stage=[Only tasks", orchctl::pipeline::STAGES.join(" ")),
+        (
+            "--stage=[Stage to start",
+            orchctl::pipeline::LIVE_STAGES.join(" "),
+        ),
+    ] {
+        let line = zsh
+            .lines()
+            .find(|l| l.contains(spec))
+            .unwrap_or_else(|| panic!("_orchctl: no {spec}"));
+        assert!(line.contains(&format!(":({names})")), "{line}");
+    }
+}
+
+/// SYNOPSIS lines show option values, one-of choices and the trailing command, as SPEC §11
+/// writes them.
+#[test]
+fn man_synopsis_lines_show_values_choices_and_the_trailing_command() {
+    require("man");
+    let synopsis = |page: &str| -> String {
+        let out = Command::new("man")
+            .args(["-l", &format!("man/{page}.1")])
+            .current_dir(root())
+            .env("MANWIDTH", "300")
+            .env("MANPAGER", "cat")
+            .env("PAGER", "cat")
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let mut lines = text.lines().skip_while(|l| l.trim() != "SYNOPSIS").skip(1);
+        lines.next().unwrap_or_default().trim().to_string()
+    };
+    let globals = "orchctl [--db PATH] [--format json|text]";
+    for (page, want) in [
+        ("orchctl", format!("{globals} COMMAND")),
+        (
+            "orchctl-complete",
+            format!("{globals} complete JOB --run-id R (--success | --failure) [--error TEXT]"),
+        ),
+        (
+            "orchctl-claim",
+            format!("{globals} claim [--agent A]... [--repo R] [--exec -- CMD ARGS...]"),
+        ),
+        (
+            "orchctl-finalize-deploy",
+            format!("{globals} finalize-deploy TASK --outcome success|failure"),
+        ),
+        (
+            "orchctl-stop",
+            format!("{globals} stop TASK [--reason TEXT] [--force]"),
+        ),
+        (
+            "orchctl-task-add",
+            format!(
+                "{globals} task add --repo R --work-item ID [--plane-id ID] [--project-id ID] \
+                 [--branch B] [--title T] [--stage S] [--depends-on TASK]..."
+            ),
+        ),
+        (
+            "orchctl-task-list",
+            format!("{globals} task list [--stage S] [--repo R] [--limit N]"),
+        ),
+    ] {
+        assert_eq!(synopsis(page), want, "{page}");
+    }
 }
 
 #[test]
@@ -150,9 +330,7 @@ fn bash_accepts_and_registers_the_completion() {
 
 #[test]
 fn zsh_accepts_and_registers_the_completion() {
-    if !installed("zsh") {
-        return;
-    }
+    require("zsh");
     let (ok, _, err) = sh("zsh", &["-n", "completions/_orchctl"]);
     assert!(ok, "{err}");
     let (ok, out, err) = sh(
@@ -170,9 +348,7 @@ fn zsh_accepts_and_registers_the_completion() {
 
 #[test]
 fn fish_accepts_the_completion_and_completes_subcommands() {
-    if !installed("fish") {
-        return;
-    }
+    require("fish");
     let (ok, _, err) = sh("fish", &["--no-execute", "completions/orchctl.fish"]);
     assert!(ok, "{err}");
     let (ok, out, err) = sh(
@@ -190,9 +366,7 @@ fn fish_accepts_the_completion_and_completes_subcommands() {
 
 #[test]
 fn man_renders_every_page_without_warnings() {
-    if !installed("man") {
-        return;
-    }
+    require("man");
     for e in std::fs::read_dir(root().join("man")).unwrap().flatten() {
         let path = e.path();
         let out = Command::new("man")
@@ -231,7 +405,10 @@ fn man_renders_every_page_without_warnings() {
 fn orch_names(source: &str) -> BTreeSet<String> {
     let mut out = BTreeSet::new();
     for piece in source.split('"').skip(1).step_by(2) {
-        if piece.starts_with("ORCH_") && piece.bytes().all(|b| b.is_ascii_uppercase() || b == b'_')
+        // `"ORCH_"` alone is the prefix (the environment reader's), not a variable.
+        if piece.starts_with("ORCH_")
+            && piece.len() > "ORCH_".len()
+            && piece.bytes().all(|b| b.is_ascii_uppercase() || b == b'_')
         {
             out.insert(piece.to_string());
         }
@@ -447,9 +624,7 @@ fn cron_lines_and_systemd_units_run_the_right_commands() {
 /// verify checks that the program exists).
 #[test]
 fn systemd_analyze_verifies_the_units() {
-    if !installed("systemd-analyze") {
-        return;
-    }
+    require("systemd-analyze");
     let env = Env::new();
     let dir = env.path().join("units");
     std::fs::create_dir_all(&dir).unwrap();

@@ -201,14 +201,14 @@ proptest! {
             let (code, _, stderr) = env.run(&["claim", &format!("--repo={repo}")]);
             prop_assert_eq!(code, if spec_repo_ok(&repo) { 3 } else { 65 }, "{:?}: {}", repo, stderr);
         }
-        // `--agent` takes a comma-separated list.
+        // `--agent` takes a comma-separated list of agent names (SPEC §11: anything else
+        // is a usage error listing them).
         let agents: Vec<&str> = agent.split(',').collect();
         if !agents.contains(&"analyst") {
-            let ok = agents.iter().all(|a| {
-                !a.is_empty() && a.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
-            });
+            let known = orchctl::cli::agent_names();
+            let ok = agents.iter().all(|a| known.contains(a));
             let (code, _, stderr) = env.run(&["claim", &format!("--agent={agent}")]);
-            prop_assert_eq!(code, if ok { 3 } else { 65 }, "{:?}: {}", agent, stderr);
+            prop_assert_eq!(code, if ok { 3 } else { 2 }, "{:?}: {}", agent, stderr);
         }
         assert_unchanged(&env, &before, "lookups with outside input");
     }

@@ -14,4 +14,5 @@ mod queue;
 mod reliability;
 mod secrets;
 mod stop;
+mod ux;
 mod wal;

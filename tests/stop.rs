@@ -674,7 +674,6 @@ fn invalid_names_are_refused_with_exit_65_and_nothing_written() {
             "x\u{7}y",
         ],
         vec!["--repo", "ok", "--work-item", "ORCH 1"],
-        vec!["--repo", "ok", "--work-item", "ORCH-1", "--stage", "done"],
     ] {
         let mut full = vec!["task", "add"];
         full.extend(&args);
@@ -682,6 +681,18 @@ fn invalid_names_are_refused_with_exit_65_and_nothing_written() {
         assert_eq!(code, 65, "{args:?}: {stderr}");
         assert_eq!(stderr.lines().count(), 1, "one line: {stderr}");
     }
+    // A stage name is checked on the command line (SPEC §11): a usage error, exit 2.
+    let (code, _, stderr) = env.run(&[
+        "task",
+        "add",
+        "--repo",
+        "ok",
+        "--work-item",
+        "ORCH-1",
+        "--stage",
+        "done",
+    ]);
+    assert_eq!(code, 2, "{stderr}");
     assert_eq!(env.count("SELECT count(*) FROM tasks"), 0);
     assert_eq!(env.count("SELECT count(*) FROM jobs"), 0);
     // Slashes inside a branch stay legal.

@@ -209,6 +209,45 @@ fn refuse(message: String) -> StopFailure {
     }
 }
 
+/// A stop that is waiting out an agent's grace period after SIGTERM.
+#[derive(Debug, Clone, Copy)]
+pub struct GraceWait {
+    pub pid: i64,
+    /// The whole grace period (ORCH_STOP_GRACE_SECS), SIGKILL at its end.
+    pub grace: Duration,
+}
+
+/// How long an agent may take to exit on SIGTERM before the wait is reported.
+const QUIET_WAIT: Duration = Duration::from_millis(300);
+
+static WAIT_REPORTER: std::sync::OnceLock<fn(&GraceWait)> = std::sync::OnceLock::new();
+
+/// Installs the function told when stopping an agent has to wait for it (an agent that
+/// did not exit within a moment of SIGTERM). Only the binary installs one, to tell a person
+/// at a terminal why `stop` is not returning; the library itself never prints. Like a
+/// logger it is process-wide, so the report reaches it from inside the outbox without
+/// every caller on the way passing it along. The first installation wins.
+pub fn set_wait_reporter(report: fn(&GraceWait)) {
+    let _ = WAIT_REPORTER.set(report);
+}
+
+/// Waits up to `grace` for `target` (the agent `pid`) to exit after SIGTERM, reporting the
+/// wait (see [`set_wait_reporter`]) once it lasts longer than [`QUIET_WAIT`].
+fn wait_out_grace(target: &Target, pid: i64, grace: Duration) -> bool {
+    let started = Instant::now();
+    if target.wait_exit(grace.min(QUIET_WAIT)) {
+        return true;
+    }
+    let left = grace.saturating_sub(started.elapsed());
+    if left.is_zero() {
+        return false;
+    }
+    if let Some(report) = WAIT_REPORTER.get() {
+        report(&GraceWait { pid, grace });
+    }
+    target.wait_exit(left)
+}
+
 /// Stops the agent `pid` whose recorded start time is `recorded_start`: SIGTERM, up to
 /// `grace` for it to exit, then SIGKILL. When the verified pid leads its process group
 /// (pid == pgid, as every agent orchctl launches does) the whole group is signalled and
@@ -263,7 +302,7 @@ pub fn stop_agent(
     };
     signal(Signal::SIGTERM)?;
     let mut used = "SIGTERM";
-    if !target.wait_exit(grace) {
+    if !wait_out_grace(&target, pid, grace) {
         signal(Signal::SIGKILL)?;
         used = "SIGKILL";
         if !target.wait_exit(Duration::from_secs(5)) {

@@ -9,6 +9,7 @@
 
 mod branches;
 mod fallback;
+mod keys;
 mod live;
 mod metrics;
 mod prune;

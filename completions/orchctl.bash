@@ -31,6 +31,9 @@ _orchctl() {
             orchctl,deploy-begin)
                 cmd="orchctl__subcmd__deploy__subcmd__begin"
                 ;;
+            orchctl,dispatch)
+                cmd="orchctl__subcmd__dispatch"
+                ;;
             orchctl,event)
                 cmd="orchctl__subcmd__event"
                 ;;
@@ -84,6 +87,9 @@ _orchctl() {
                 ;;
             orchctl__subcmd__help,deploy-begin)
                 cmd="orchctl__subcmd__help__subcmd__deploy__subcmd__begin"
+                ;;
+            orchctl__subcmd__help,dispatch)
+                cmd="orchctl__subcmd__help__subcmd__dispatch"
                 ;;
             orchctl__subcmd__help,event)
                 cmd="orchctl__subcmd__help__subcmd__event"
@@ -173,7 +179,7 @@ _orchctl() {
 
     case "${cmd}" in
         orchctl)
-            opts="-h -V --db --format --help --version migrate task stop claim complete reap reconcile deploy-begin finalize-deploy queue event approve reject confirm-deploy retry metrics prune help"
+            opts="-h -V --db --format --help --version migrate task stop claim dispatch complete reap reconcile deploy-begin finalize-deploy queue event approve reject confirm-deploy retry metrics prune help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 1 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -320,6 +326,36 @@ _orchctl() {
             COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
             return 0
             ;;
+        orchctl__subcmd__dispatch)
+            opts="-h --agent --repo --dry-run --db --format --help"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --agent)
+                    COMPREPLY=($(compgen -W "analyst developer reviewer deployer" -- "${cur}"))
+                    return 0
+                    ;;
+                --repo)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --db)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --format)
+                    COMPREPLY=($(compgen -W "json text" -- "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
         orchctl__subcmd__event)
             opts="-h --delivery --event --signature --db --format --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
@@ -381,7 +417,7 @@ _orchctl() {
             return 0
             ;;
         orchctl__subcmd__help)
-            opts="migrate task stop claim complete reap reconcile deploy-begin finalize-deploy queue event approve reject confirm-deploy retry metrics prune help"
+            opts="migrate task stop claim dispatch complete reap reconcile deploy-begin finalize-deploy queue event approve reject confirm-deploy retry metrics prune help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -451,6 +487,20 @@ _orchctl() {
             return 0
             ;;
         orchctl__subcmd__help__subcmd__deploy__subcmd__begin)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        orchctl__subcmd__help__subcmd__dispatch)
             opts=""
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )

@@ -2,11 +2,15 @@
 //! and optionally launch its agent.
 //!
 //! The choice and the update are one `BEGIN IMMEDIATE` transaction, so N concurrent
-//! claimers never get the same job. With `--exec` the agent starts detached in its own
-//! session; its pid and start time are recorded under a guard on the run, and if the run
-//! changed between the claim and the launch (cancelled by STOP, requeued by reap) or could
-//! not be recorded, the new process group is killed at once: no agent runs unrecorded.
+//! claimers never get the same job. With `--exec` the agent starts under its supervisor
+//! (SPEC §13, [`crate::supervisor`]) in a new session; the supervisor's pid and start time
+//! are recorded under a guard on the run, and the supervisor starts the agent only after
+//! that record is committed. If the run changed between the claim and the launch
+//! (cancelled by STOP, requeued by reap) or could not be recorded, the supervisor is
+//! killed before it starts anything: no agent runs unrecorded. `dispatch` launches the same
+//! way ([`launch`]).
 
+use std::io::Write;
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
@@ -15,9 +19,12 @@ use serde_json::json;
 
 use crate::error::bad_input;
 use crate::integrations::process;
+use crate::model::Job;
 use crate::names;
 use crate::pipeline::{JobStatus, Stage};
-use crate::store::ClaimFilter;
+use crate::store::{ClaimFilter, Writer};
+use crate::supervisor::{self, RunSpec};
+use crate::worktree::{self, Place};
 use crate::Ctx;
 
 #[derive(Debug, Clone, Default)]
@@ -48,6 +55,10 @@ pub struct Claimed {
     pub proc_start: Option<i64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub log: Option<PathBuf>,
+    /// Where the agent works: the task's worktree (prepared by the supervisor before the
+    /// agent starts) or the clone; null when it works in orchctl's own folder.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub worktree: Option<PathBuf>,
     /// The run changed (cancelled, requeued) before its agent could be recorded: the agent
     /// was killed.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
@@ -74,37 +85,9 @@ pub fn claim(ctx: &Ctx, req: &ClaimRequest) -> Result<Option<Claimed>> {
         task_deps: ctx.config.task_deps,
         serial_gate: ctx.config.serial_gate,
     };
-    let claimed = ctx.store.write(|w| {
-        let Some(job) = w.claim_next_job(&filter)? else {
-            return Ok(None);
-        };
-        let task = match job.task_id {
-            Some(t) => w.task(t)?,
-            None => None,
-        };
-        let run_id = job.run_id.context("a claimed job has no run id")?;
-        w.event(
-            job.task_id,
-            "job_claimed",
-            &json!({ "job_id": job.id, "run_id": run_id, "agent": job.agent, "attempt": job.attempts }),
-        )?;
-        Ok(Some(Claimed {
-            id: job.id,
-            agent: job.agent,
-            repo: job.repo,
-            task_id: job.task_id,
-            status: job.status,
-            run_id,
-            attempts: job.attempts,
-            max_attempts: job.max_attempts,
-            work_item_id: task.as_ref().and_then(|t| t.work_item_id.clone()),
-            branch: task.as_ref().and_then(|t| t.branch.clone()),
-            stage: task.map(|t| t.stage),
-            pid: None,
-            proc_start: None,
-            log: None,
-            killed_at_launch: false,
-        }))
+    let claimed = ctx.store.write(|w| match w.claim_next_job(&filter)? {
+        Some(job) => started(w, job).map(Some),
+        None => Ok(None),
     })?;
     let Some(mut c) = claimed else {
         return Ok(None);
@@ -115,38 +98,87 @@ pub fn claim(ctx: &Ctx, req: &ClaimRequest) -> Result<Option<Claimed>> {
     Ok(Some(c))
 }
 
-/// Launches the agent of claimed run `c` and records it; kills it at once when the job was
-/// cancelled since the claim.
+/// The claimed run `job` with its task, and its audit row, inside the claim's transaction.
+pub(crate) fn started(w: &Writer, job: Job) -> Result<Claimed> {
+    let task = match job.task_id {
+        Some(t) => w.task(t)?,
+        None => None,
+    };
+    let run_id = job.run_id.context("a claimed job has no run id")?;
+    w.event(
+        job.task_id,
+        "job_claimed",
+        &json!({ "job_id": job.id, "run_id": run_id, "agent": job.agent, "attempt": job.attempts }),
+    )?;
+    Ok(Claimed {
+        id: job.id,
+        agent: job.agent,
+        repo: job.repo,
+        task_id: job.task_id,
+        status: job.status,
+        run_id,
+        attempts: job.attempts,
+        max_attempts: job.max_attempts,
+        work_item_id: task.as_ref().and_then(|t| t.work_item_id.clone()),
+        branch: task.as_ref().and_then(|t| t.branch.clone()),
+        stage: task.map(|t| t.stage),
+        pid: None,
+        proc_start: None,
+        log: None,
+        worktree: None,
+        killed_at_launch: false,
+    })
+}
+
+/// Launches the agent of claimed run `c` as `claim --exec` does: see [`launch_run`]; a
+/// repo without a clone on this host runs its agent in orchctl's working directory.
 pub fn launch(ctx: &Ctx, c: &mut Claimed, argv: &[String]) -> Result<()> {
+    launch_run(ctx, c, argv, true)
+}
+
+/// Launches the agent of claimed run `c` under its supervisor (SPEC §13) and records the
+/// supervisor's pid and start time; the supervisor starts the agent only once that record
+/// is committed (the launch gate). When the record fails or finds the run changed
+/// (cancelled, requeued or ended since the claim), the supervisor's group is killed at once
+/// and no agent ever starts. `lenient` (`claim --exec`) lets a repo without a clone run its
+/// agent in orchctl's working directory; `dispatch` is strict.
+pub fn launch_run(ctx: &Ctx, c: &mut Claimed, argv: &[String], lenient: bool) -> Result<()> {
     let log = ctx
         .config
         .log_dir
         .join(format!("job-{}-run-{}.log", c.id, c.run_id));
     let db = std::path::absolute(ctx.store.path()).unwrap_or_else(|_| ctx.store.path().into());
-    let env = vec![
-        ("ORCH_JOB_ID".to_string(), c.id.to_string()),
-        ("ORCH_RUN_ID".to_string(), c.run_id.to_string()),
-        (
-            "ORCH_TASK_ID".to_string(),
-            c.task_id.map(|t| t.to_string()).unwrap_or_default(),
-        ),
-        (
-            "ORCH_WORK_ITEM".to_string(),
-            c.work_item_id.clone().unwrap_or_default(),
-        ),
-        ("ORCH_REPO".to_string(), c.repo.clone()),
-        (
-            "ORCH_BRANCH".to_string(),
-            c.branch.clone().unwrap_or_default(),
-        ),
-        ("ORCH_AGENT".to_string(), c.agent.clone()),
-        (
-            "ORCH_DB_PATH".to_string(),
-            db.to_string_lossy().into_owned(),
-        ),
-    ];
-    let launched = process::spawn_detached(argv, &env, &log);
-    let (pid, start) = match launched {
+    let place = worktree::place_for(&ctx.config, &c.agent, &c.repo, lenient);
+    c.worktree = match &place {
+        Place::Worktree => c
+            .work_item_id
+            .as_deref()
+            .and_then(|wi| worktree::worktree_path(&ctx.config, &c.repo, wi).ok()),
+        Place::Clone => Some(worktree::clone_dir(&ctx.config, &c.repo)),
+        Place::Inherited => None,
+    };
+    let spec = RunSpec {
+        db,
+        job_id: c.id,
+        run_id: c.run_id,
+        task_id: c.task_id,
+        agent: c.agent.clone(),
+        repo: c.repo.clone(),
+        work_item: c.work_item_id.clone(),
+        branch: c.branch.clone(),
+        place,
+        log: log.clone(),
+    };
+    let started = process::append_file(&log).and_then(|file| {
+        anyhow::ensure!(!argv.is_empty(), "--exec needs a command after `--`");
+        let (gate, opener) = process::pipe().context("creating the launch gate")?;
+        let args = supervisor::command_line(&spec, argv)?;
+        // This very binary, even if it was replaced on disk since it started.
+        let (pid, start) =
+            process::spawn_supervisor(std::path::Path::new("/proc/self/exe"), &args, gate, file)?;
+        Ok((pid, start, opener))
+    });
+    let (pid, start, opener) = match started {
         Ok(v) => v,
         Err(e) => {
             // The run never started: give the attempt back to the queue (or fail it).
@@ -175,25 +207,30 @@ pub fn launch(ctx: &Ctx, c: &mut Claimed, argv: &[String]) -> Result<()> {
             w.event(
                 c.task_id,
                 "job_launched",
-                &json!({ "job_id": c.id, "run_id": c.run_id, "pid": pid, "log": log }),
+                &json!({ "job_id": c.id, "run_id": c.run_id, "pid": pid, "log": log, "worktree": c.worktree }),
             )?;
         }
         Ok(ok)
     });
-    // An agent whose run is not recorded can never be stopped by STOP or judged by reap:
+    // An agent whose run is not recorded could never be stopped by STOP or judged by reap:
     // whatever the reason (the database stayed busy, the run was cancelled, requeued or
-    // ended since the claim), the launcher kills it rather than leave it loose.
+    // ended since the claim), the gate stays shut and the supervisor is killed.
     let recorded = match recorded {
         Ok(r) => r,
         Err(e) => {
             process::kill_group_now(pid);
             return Err(e.context(format!(
-                "recording the agent of job {} run {} (pid {pid}) failed; the agent was killed",
+                "recording the supervisor of job {} run {} (pid {pid}) failed; it was killed before starting the agent",
                 c.id, c.run_id
             )));
         }
     };
-    if !recorded {
+    if recorded {
+        // A supervisor that died already (the write then fails) has left a recorded run
+        // with a dead pid, which reap judges as any dead run.
+        let _ = std::fs::File::from(opener).write_all(b"g");
+    } else {
+        drop(opener);
         process::kill_group_now(pid);
         c.killed_at_launch = true;
         let status = ctx.store.read(|r| r.job(c.id))?.map(|j| j.status);

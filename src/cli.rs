@@ -125,6 +125,18 @@ pub enum Command {
     /// and ORCH_DB_PATH set and its output in $ORCH_LOG_DIR/job-<id>-run-<run>.log.
     Claim(ClaimArgs),
 
+    /// Launch agents into free slots: reap, then claim and start jobs (run it from a timer)
+    ///
+    /// Runs the reap pass, then, while an agent with a command (ORCH_AGENT_CMD_<AGENT>) has
+    /// a free slot (ORCH_AGENT_SLOTS_<AGENT>, default 1; ORCH_MAX_AGENTS in all, default
+    /// 4), claims its oldest eligible job and launches it as claim --exec does: under a
+    /// supervisor that records the agent's exit status as the run's outcome and then
+    /// dispatches again. Developers, reviewers and deployers (ORCH_WORKTREE_AGENTS) work in
+    /// $ORCH_WORKTREES_DIR/<repo>/<work item>, prepared first; the others in the clone.
+    /// Prints what it launched, reap's counts, the slots and the jobs left waiting; exit 0
+    /// also when nothing was launched. An agent without a command is never launched.
+    Dispatch(DispatchArgs),
+
     /// Record the outcome of a run
     ///
     /// Only the named run counts: a stale run id or a finished job changes nothing (note
@@ -357,6 +369,25 @@ pub struct ClaimArgs {
     /// The agent command and its arguments (after `--`)
     #[arg(last = true, value_name = "CMD", requires = "exec")]
     pub command: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct DispatchArgs {
+    /// Only jobs of this agent (repeatable)
+    #[arg(
+        long = "agent",
+        value_name = "A",
+        env = "ORCH_DISPATCH_AGENTS",
+        value_delimiter = ',',
+        value_parser = agent_name()
+    )]
+    pub agents: Vec<String>,
+    /// Only jobs of this repo
+    #[arg(long, value_name = "R", env = "ORCH_DISPATCH_REPO")]
+    pub repo: Option<String>,
+    /// Show what would be launched, change nothing
+    #[arg(long, env = "ORCH_DISPATCH_DRY_RUN")]
+    pub dry_run: bool,
 }
 
 #[derive(Debug, Args)]

@@ -20,6 +20,7 @@ use std::time::Duration;
 use anyhow::Result;
 
 use crate::error::{config_err, Coded};
+use crate::pipeline::Agent;
 
 /// Variables holding secrets: removed from the environment of every child orchctl starts
 /// (agents, git, the notify hook), which never need orchctl's own credentials.
@@ -71,6 +72,43 @@ pub const VARIABLES: &[(&str, &str, &str)] = &[
     ("ORCH_CLAIM_TIMEOUT_SECS", "3600", "a running job without a pid counts as dead after this long"),
     ("ORCH_HTTP_TIMEOUT_SECS", "10", "bound on each request to Gitea or Plane"),
     ("ORCH_GIT_TIMEOUT_SECS", "60", "bound on each git command"),
+    ("ORCH_AGENT_CMD_ANALYST", "", "the analyst's command for dispatch (split like a shell line, never run by one); unset = dispatch never launches an analyst"),
+    ("ORCH_AGENT_CMD_DEVELOPER", "", "the developer's command for dispatch; unset = dispatch never launches a developer"),
+    ("ORCH_AGENT_CMD_REVIEWER", "", "the reviewer's command for dispatch; unset = dispatch never launches a reviewer"),
+    ("ORCH_AGENT_CMD_DEPLOYER", "", "the deployer's command for dispatch; unset = dispatch never launches a deployer"),
+    ("ORCH_AGENT_SLOTS_ANALYST", "1", "at most this many analyst runs at once"),
+    ("ORCH_AGENT_SLOTS_DEVELOPER", "1", "at most this many developer runs at once"),
+    ("ORCH_AGENT_SLOTS_REVIEWER", "1", "at most this many reviewer runs at once"),
+    ("ORCH_AGENT_SLOTS_DEPLOYER", "1", "at most this many deployer runs at once"),
+    ("ORCH_MAX_AGENTS", "4", "at most this many agent runs at once in all (dispatch fills slots up to it)"),
+    ("ORCH_WORKTREES_DIR", "$XDG_STATE_HOME/orchctl/worktrees", "where the tasks' worktrees are made: <dir>/<repo>/<work item>"),
+    ("ORCH_WORKTREE_AGENTS", "developer,reviewer,deployer", "agents that run in the task's worktree (none = no agent); the others run in the clone"),
+    ("ORCH_DELETE_BRANCH_ON_DONE", "off", "also delete the remote branch when a task is done (its worktree and local branch always go)"),
+    ("ORCH_LOG_MAX_BYTES", "52428800", "agent output kept per run in its log (50 MiB), then one truncation line and the rest dropped"),
+];
+
+/// The variables of each agent: its command for `dispatch` and its number of slots.
+pub const AGENT_VARIABLES: [(Agent, &str, &str); 4] = [
+    (
+        Agent::Analyst,
+        "ORCH_AGENT_CMD_ANALYST",
+        "ORCH_AGENT_SLOTS_ANALYST",
+    ),
+    (
+        Agent::Developer,
+        "ORCH_AGENT_CMD_DEVELOPER",
+        "ORCH_AGENT_SLOTS_DEVELOPER",
+    ),
+    (
+        Agent::Reviewer,
+        "ORCH_AGENT_CMD_REVIEWER",
+        "ORCH_AGENT_SLOTS_REVIEWER",
+    ),
+    (
+        Agent::Deployer,
+        "ORCH_AGENT_CMD_DEPLOYER",
+        "ORCH_AGENT_SLOTS_DEPLOYER",
+    ),
 ];
 
 /// A token or key: usable, never printable.
@@ -144,6 +182,20 @@ pub struct Config {
     pub http_timeout: Duration,
     /// Bound on every git child process.
     pub git_timeout: Duration,
+    /// The command `dispatch` launches for each agent that has one (`ORCH_AGENT_CMD_*`).
+    pub agent_cmds: Vec<(Agent, Vec<String>)>,
+    /// How many runs of each agent may run at once (`ORCH_AGENT_SLOTS_*`).
+    pub agent_slots: Vec<(Agent, i64)>,
+    /// How many agent runs may run at once in all (`ORCH_MAX_AGENTS`).
+    pub max_agents: i64,
+    /// Where the tasks' worktrees are made: `<dir>/<repo>/<work item>`.
+    pub worktrees_dir: PathBuf,
+    /// The agents that run in the task's worktree; the others run in the clone.
+    pub worktree_agents: Vec<Agent>,
+    /// A task that is done loses its remote branch too.
+    pub delete_branch_on_done: bool,
+    /// Agent output kept per run in its log.
+    pub log_max_bytes: u64,
     /// Every value of [`SECRET_VARS`] that is set, whether or not its integration is
     /// configured: a token is scrubbed from text even when its URL is missing.
     pub secret_values: Vec<Secret>,
@@ -427,6 +479,35 @@ impl Config {
                 None => None,
             };
         let state_name = |k: &str, default: &str| nonempty(k).unwrap_or_else(|| default.into());
+        let mut agent_cmds = Vec::new();
+        let mut agent_slots = Vec::new();
+        for (agent, cmd_var, slots_var) in AGENT_VARIABLES {
+            if let Some(cmd) = nonempty(cmd_var) {
+                match shlex::split(&cmd) {
+                    Some(argv) if !argv.is_empty() => agent_cmds.push((agent, argv)),
+                    _ => {
+                        return Err(config_err(format!(
+                            "{cmd_var} does not split into a command line (unbalanced quotes?)"
+                        )))
+                    }
+                }
+            }
+            agent_slots.push((agent, number(slots_var, 1, 0)?));
+        }
+        let worktree_agents = match nonempty("ORCH_WORKTREE_AGENTS") {
+            None => vec![Agent::Developer, Agent::Reviewer, Agent::Deployer],
+            Some(v) if v.trim().eq_ignore_ascii_case("none") => Vec::new(),
+            Some(v) => csv(Some(v))
+                .iter()
+                .map(|a| {
+                    Agent::parse(a).ok_or_else(|| {
+                        config_err(format!(
+                            "ORCH_WORKTREE_AGENTS: {a:?} is not an agent (analyst, developer, reviewer, deployer, or none)"
+                        ))
+                    })
+                })
+                .collect::<Result<Vec<_>>>()?,
+        };
 
         Ok(Config {
             repos_dir: nonempty("ORCH_REPOS_DIR")
@@ -473,12 +554,42 @@ impl Config {
             claim_timeout_secs: number("ORCH_CLAIM_TIMEOUT_SECS", 3600, 0)?,
             http_timeout: secs("ORCH_HTTP_TIMEOUT_SECS", 10.0)?,
             git_timeout: secs("ORCH_GIT_TIMEOUT_SECS", 60.0)?,
+            agent_cmds,
+            agent_slots,
+            max_agents: number("ORCH_MAX_AGENTS", 4, 0)?,
+            worktrees_dir: nonempty("ORCH_WORKTREES_DIR")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| state.join("worktrees")),
+            worktree_agents,
+            delete_branch_on_done: boolean("ORCH_DELETE_BRANCH_ON_DONE", false)?,
+            log_max_bytes: number("ORCH_LOG_MAX_BYTES", 50 << 20, 0)? as u64,
             secret_values: SECRET_VARS
                 .iter()
                 .filter_map(|k| get(k))
                 .map(|v| Secret::new(v.trim()))
                 .collect(),
         })
+    }
+
+    /// The command `dispatch` launches for `agent`, when it has one.
+    pub fn agent_cmd(&self, agent: Agent) -> Option<&[String]> {
+        self.agent_cmds
+            .iter()
+            .find(|(a, _)| *a == agent)
+            .map(|(_, argv)| argv.as_slice())
+    }
+
+    /// How many runs of `agent` may run at once.
+    pub fn slots_of(&self, agent: Agent) -> i64 {
+        self.agent_slots
+            .iter()
+            .find(|(a, _)| *a == agent)
+            .map_or(1, |(_, n)| *n)
+    }
+
+    /// Whether `agent` runs in the task's worktree (else in the clone).
+    pub fn in_worktree(&self, agent: &str) -> bool {
+        self.worktree_agents.iter().any(|a| a.as_str() == agent)
     }
 
     /// Whether Plane's STOP state may stop a task of `repo` (kill switch and scope, SPEC §3).

@@ -277,6 +277,7 @@ pub fn finalize_tx(
                 let m = pipeline::step(Stage::Deploy, Trigger::Deployed)
                     .context("the stage map has no move for a deploy")?;
                 transitions::carry_out(w, task, m, Via::Cli, &json!({}))?;
+                enqueue_done_cleanup(w, &ctx.config, task)?;
                 outbox::enqueue_notification(
                     w,
                     &ctx.config,
@@ -309,6 +310,40 @@ pub fn finalize_tx(
         marker_cleared,
         jobs,
     })
+}
+
+/// A task that is done gives its worktree and local branch back (SPEC §13): removed through
+/// the outbox, the clone and its docs kept; the remote branch goes too only with
+/// `ORCH_DELETE_BRANCH_ON_DONE` (it holds the work that was deployed).
+fn enqueue_done_cleanup(w: &Writer, config: &crate::Config, task: &Task) -> Result<()> {
+    let Some(branch) = &task.branch else {
+        return Ok(());
+    };
+    outbox::enqueue(
+        w,
+        Some(task.id),
+        &outbox::Effect::RemoveWorktree {
+            repo: task.repo.clone(),
+            branch: branch.clone(),
+        },
+    )?;
+    if config.delete_branch_on_done {
+        outbox::enqueue(
+            w,
+            Some(task.id),
+            &outbox::Effect::DeleteRemoteBranch {
+                repo: task.repo.clone(),
+                branch: branch.clone(),
+                commit: crate::names::validate_repo(&task.repo).ok().and_then(|()| {
+                    crate::integrations::git::recorded_commit(
+                        &config.repos_dir.join(&task.repo),
+                        branch,
+                    )
+                }),
+            },
+        )?;
+    }
+    Ok(())
 }
 
 /// Whether the task has a deploy in progress: its initiated marker, or a running deployer.

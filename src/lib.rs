@@ -9,6 +9,7 @@ pub mod claim;
 pub mod cli;
 pub mod config;
 pub mod deploy;
+pub mod dispatch;
 pub mod error;
 pub mod event;
 pub mod integrations;
@@ -25,8 +26,10 @@ pub mod reconcile;
 pub mod render;
 pub mod stop;
 pub mod store;
+pub mod supervisor;
 pub mod tasks;
 pub mod transitions;
+pub mod worktree;
 
 use std::path::{Path, PathBuf};
 

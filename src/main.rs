@@ -13,8 +13,8 @@ use orchctl::config::{scrub_env, Environment};
 use orchctl::error::{self, ExitKind};
 use orchctl::pipeline::Trigger;
 use orchctl::{
-    claim, deploy, event, jobs, metrics, prune, queue, reconcile, render, stop, tasks, transitions,
-    Config, Ctx,
+    claim, deploy, dispatch, event, jobs, metrics, prune, queue, reconcile, render, stop, tasks,
+    transitions, Config, Ctx,
 };
 
 /// What a successful command hands back to be printed.
@@ -140,6 +140,12 @@ fn text_width(env: &Environment) -> Option<usize> {
 }
 
 fn main() -> ExitCode {
+    // A run's supervisor (SPEC §13) is this binary exec'd by a launcher, not a command
+    // people type: it has no command line of its own to parse.
+    let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+    if args.first().is_some_and(|a| a == orchctl::supervisor::ARG) {
+        return ExitCode::from(orchctl::supervisor::main(&args));
+    }
     // Every ORCH_* variable is read (an undecodable value refused) and every switch
     // variable checked before clap parses, so clap only ever sees values that passed.
     let environment = match Environment::capture() {
@@ -318,6 +324,17 @@ fn run(cli: Cli, environment: &Environment) -> Result<Option<Output>> {
                 }
             }
         }
+        Command::Dispatch(d) => laid_out(
+            &dispatch::dispatch(
+                &ctx,
+                &dispatch::DispatchRequest {
+                    agents: d.agents,
+                    repo: d.repo,
+                    dry_run: d.dry_run,
+                },
+            )?,
+            render::dispatch,
+        )?,
         Command::Complete(c) => {
             let outcome = if c.success {
                 jobs::RunOutcome::Success

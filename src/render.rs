@@ -737,11 +737,93 @@ pub fn claim(v: &Value) -> String {
             ("stage", opt(v, "stage")),
             ("pid", opt(v, "pid")),
             ("log", opt(v, "log")),
+            ("worktree", opt(v, "worktree")),
         ],
         2,
     ));
     if truthy(v, "killed_at_launch") {
         out.push_str("  the job was stopped while launching: its agent was killed\n");
+    }
+    out
+}
+
+/// `dispatch`: what was launched, then the slots and what waits, one row per agent.
+pub fn dispatch(v: &Value) -> String {
+    let dry = truthy(v, "dry_run");
+    let launched = array(v, "launched");
+    let r = v.get("reaped").cloned().unwrap_or(Value::Null);
+    let mut out = format!(
+        "{} {} run(s); reap: {} checked, {} alive, {} requeued, {} failed, {} cancelled\n",
+        if dry {
+            "dry run: would launch"
+        } else {
+            "launched"
+        },
+        launched.len(),
+        n(&r, "checked"),
+        n(&r, "alive"),
+        n(&r, "requeued"),
+        n(&r, "failed"),
+        n(&r, "cancelled")
+    );
+    if !launched.is_empty() {
+        out.push('\n');
+        out.push_str(&table_with(
+            &[
+                ("JOB", "id"),
+                ("RUN", "run_id"),
+                ("AGENT", "agent"),
+                ("TASK", "task_id"),
+                ("WORK ITEM", "work_item_id"),
+                ("PID", "pid"),
+                ("WORKTREE", "worktree"),
+            ],
+            launched,
+        ));
+    }
+    let no_command: Vec<&str> = array(v, "no_command")
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    let mut rows = Vec::new();
+    if let Some(Value::Object(slots)) = v.get("slots") {
+        for (agent, sl) in slots {
+            let waiting = v["waiting"].get(agent).and_then(Value::as_i64).unwrap_or(0);
+            rows.push(serde_json::json!({
+                "agent": agent,
+                "running": sl["running"],
+                "limit": sl["limit"],
+                "waiting": if waiting >= crate::dispatch::WAITING_CAP {
+                    format!("{waiting}+")
+                } else {
+                    waiting.to_string()
+                },
+                "command": if no_command.contains(&agent.as_str()) { "none" } else { "set" },
+            }));
+        }
+    }
+    let total = v.get("total").cloned().unwrap_or(Value::Null);
+    rows.push(serde_json::json!({
+        "agent": "in all",
+        "running": total["running"],
+        "limit": total["limit"],
+    }));
+    out.push('\n');
+    out.push_str(&table_with(
+        &[
+            ("AGENT", "agent"),
+            ("RUNNING", "running"),
+            ("LIMIT", "limit"),
+            ("WAITING", "waiting"),
+            ("COMMAND", "command"),
+        ],
+        &rows,
+    ));
+    for e in array(v, "errors") {
+        out.push_str(&format!(
+            "launch failed: {}\n",
+            e.as_str().unwrap_or_default()
+        ));
     }
     out
 }

@@ -208,6 +208,51 @@ impl GitClone {
         })
     }
 
+    /// Whether the clone has the ref `full` (`refs/heads/<b>`, `refs/remotes/origin/<b>`).
+    pub fn has_ref(&self, full: &str) -> Result<bool> {
+        let out = self.git(&["show-ref", "--verify", "--quiet", full])?;
+        Ok(out.status.success())
+    }
+
+    /// `git fetch <remote>`: the remote's branches as remote-tracking refs.
+    pub fn fetch(&self, remote: &str) -> Result<()> {
+        self.git_ok(&["fetch", "--quiet", remote]).map(|_| ())
+    }
+
+    /// Forgets linked worktrees whose folder is gone.
+    pub fn prune_worktrees(&self) -> Result<()> {
+        self.git_ok(&["worktree", "prune"]).map(|_| ())
+    }
+
+    /// Adds a linked worktree at `path` (absolute) with `branch` checked out, as `start`
+    /// says where the branch comes from.
+    pub fn add_worktree(&self, path: &Path, branch: &str, start: &WorktreeStart) -> Result<()> {
+        let path = path.to_string_lossy().into_owned();
+        let base;
+        let args: Vec<&str> = match start {
+            WorktreeStart::Local => vec!["worktree", "add", "--quiet", &path, branch],
+            WorktreeStart::Remote(remote) => {
+                base = format!("{remote}/{branch}");
+                vec![
+                    "worktree", "add", "--quiet", "--track", "-b", branch, &path, &base,
+                ]
+            }
+            // A new branch must not track the default branch: a plain `git push` would
+            // then go to it.
+            WorktreeStart::New(from) => vec![
+                "worktree",
+                "add",
+                "--quiet",
+                "--no-track",
+                "-b",
+                branch,
+                &path,
+                from,
+            ],
+        };
+        self.git_ok(&args).map(|_| ())
+    }
+
     /// The clone's default branch: `origin/HEAD` when known, else the branch checked out in
     /// the main working tree.
     pub fn default_branch(&self) -> Option<String> {
@@ -294,6 +339,17 @@ impl GitClone {
         }
         removed
     }
+}
+
+/// Where the branch of a new worktree comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WorktreeStart {
+    /// The local branch, which exists.
+    Local,
+    /// A new local branch tracking the remote's branch of the same name (`origin`).
+    Remote(String),
+    /// A new branch from this commit-ish (the remote's default branch), tracking nothing.
+    New(String),
 }
 
 /// A lock file removed by [`GitClone::recover_stale_locks`].

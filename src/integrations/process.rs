@@ -445,6 +445,131 @@ pub fn spawn_detached(argv: &[String], env: &[(String, String)], log: &Path) -> 
     Ok((pid, start))
 }
 
+/// Starts the supervisor of a run (SPEC §13): `program args`, detached in a new session,
+/// so it leads the run's process group (pid = pgid = sid); stdin is the reading end of the
+/// launch gate, stdout and stderr the run's log. It inherits orchctl's environment whole:
+/// it is orchctl, and records the run's outcome with orchctl's configuration; the agent it
+/// starts gets the scrubbed one ([`spawn_agent`]). Returns its pid and start time.
+pub fn spawn_supervisor(
+    program: &Path,
+    args: &[OsString],
+    gate: std::os::fd::OwnedFd,
+    log: File,
+) -> Result<(i64, i64)> {
+    let err = log.try_clone()?;
+    let mut cmd = Command::new(program);
+    cmd.args(args)
+        .stdin(Stdio::from(gate))
+        .stdout(log)
+        .stderr(err);
+    // SAFETY: setsid is async-signal-safe and touches no memory of the parent.
+    unsafe {
+        cmd.pre_exec(|| {
+            nix::unistd::setsid()
+                .map(|_| ())
+                .map_err(std::io::Error::from)
+        });
+    }
+    let child = cmd
+        .spawn()
+        .with_context(|| format!("starting the supervisor {}", program.display()))?;
+    let pid = child.id() as i64;
+    // Read before anything can reap it: a zombie still shows its start time.
+    let start = stat(pid)
+        .map(|s| s.start)
+        .with_context(|| format!("reading the start time of pid {pid}"))?;
+    // Dropping `child` neither waits for nor kills it: the supervisor outlives orchctl.
+    drop(child);
+    Ok((pid, start))
+}
+
+/// Starts an agent command as the supervisor's child, in the supervisor's process group
+/// (a STOP's signal to the group reaches both), in `dir` when given, with the scrubbed
+/// environment plus `env`, stdin from /dev/null and stdout and stderr into `output`. The
+/// agent dies with its supervisor: a supervisor killed alone must not leave an agent whose
+/// run nobody watches.
+pub fn spawn_agent(
+    argv: &[String],
+    env: &[(String, String)],
+    dir: Option<&Path>,
+    output: std::os::fd::OwnedFd,
+) -> Result<std::process::Child> {
+    let (program, args) = argv.split_first().context("an empty agent command")?;
+    let err = output.try_clone()?;
+    let mut cmd = Command::new(program);
+    scrub_child_env(&mut cmd);
+    cmd.args(args)
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .stdin(Stdio::null())
+        .stdout(output)
+        .stderr(err);
+    if let Some(d) = dir {
+        cmd.current_dir(d);
+    }
+    let parent = nix::unistd::getpid();
+    // SAFETY: prctl and getppid are async-signal-safe and touch no memory of the parent.
+    unsafe {
+        cmd.pre_exec(move || {
+            nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(std::io::Error::from)?;
+            if nix::unistd::getppid() != parent {
+                return Err(std::io::Error::other(
+                    "the supervisor exited while starting the agent",
+                ));
+            }
+            Ok(())
+        });
+    }
+    cmd.spawn().with_context(|| format!("starting {program:?}"))
+}
+
+/// SIGKILL to every live member of this process's own group but itself: what is left of a
+/// run once its agent has exited, sent by the supervisor that leads the group. Each member
+/// is checked again (same group, same start time) right before its signal. Waits (at most
+/// `limit`) until none is left; returns how many were signalled.
+pub fn kill_own_group_members(limit: Duration) -> usize {
+    let me = std::process::id() as i32;
+    let pgid = nix::unistd::getpgrp().as_raw();
+    if pgid != me {
+        // Only the group's leader may end its group: anyone else would hit a stranger's.
+        return 0;
+    }
+    let deadline = Instant::now() + limit;
+    let mut signalled = HashSet::new();
+    loop {
+        let left: Vec<ProcStat> = live_processes()
+            .into_iter()
+            .filter(|p| p.pgrp == pgid && p.pid != me)
+            .collect();
+        if left.is_empty() || Instant::now() >= deadline {
+            return signalled.len();
+        }
+        for p in left {
+            let same = stat(p.pid as i64)
+                .is_some_and(|now| now.pgrp == pgid && now.start == p.start && !now.exited());
+            if same && nix::sys::signal::kill(Pid::from_raw(p.pid), Signal::SIGKILL).is_ok() {
+                signalled.insert((p.pid, p.start));
+            }
+        }
+        reap_children();
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// A pipe whose two ends are closed on exec (a child gets only the end it is handed).
+pub fn pipe() -> Result<(std::os::fd::OwnedFd, std::os::fd::OwnedFd)> {
+    nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).context("creating a pipe")
+}
+
+/// Reaps every child that has exited (a subreaper inherits the orphans of its descendants).
+pub fn reap_children() {
+    use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+    while let Ok(status) = waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
+        if status == WaitStatus::StillAlive {
+            break;
+        }
+    }
+}
+
 /// The result of a child run with [`run_limited`].
 #[derive(Debug)]
 pub struct ChildOutput {

@@ -8,6 +8,7 @@
 //! overwrite a newer truth. Timestamps and ids are produced here, never by callers.
 
 mod branches;
+mod dispatch;
 mod fallback;
 mod keys;
 mod live;
@@ -20,6 +21,8 @@ mod vocab;
 pub use live::{AwaitingCounts, AwaitingTask};
 
 pub use prune::RunEnd;
+
+pub use dispatch::SlotClaim;
 
 use std::ops::Deref;
 use std::path::{Path, PathBuf};

@@ -10,7 +10,11 @@
 //! line and changes nothing else: the caller fails the run with `worktree: <why>`. Removal
 //! is not here: it is the outbox's (`remove_worktree`, on STOP and on `done`).
 
+use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use nix::fcntl::{Flock, FlockArg};
 
 use serde::{Deserialize, Serialize};
 
@@ -105,6 +109,7 @@ fn prepare_worktree(
         Err(e) => return Err(e.message),
     };
     let git = |e: anyhow::Error| format!("{e:#}");
+    let _lock = lock_repo(config, repo)?;
     // A git killed earlier may have left the branch's ref locked.
     clone.recover_stale_locks(branch);
     clone.prune_worktrees().map_err(git)?;
@@ -166,6 +171,39 @@ fn prepare_worktree(
     };
     clone.add_worktree(&target, branch, &start).map_err(git)?;
     Ok(target)
+}
+
+/// Takes this host's lock on preparing `repo`'s worktrees: two supervisors fetching or
+/// adding worktrees in one clone at once would fail on git's own lock files. The lock is
+/// an `flock` of `$ORCH_WORKTREES_DIR/<repo>.lock`, released when its holder exits (even
+/// killed); it is waited for at most `ORCH_GIT_TIMEOUT_SECS`.
+fn lock_repo(config: &Config, repo: &str) -> Result<Flock<File>, String> {
+    let dir =
+        std::path::absolute(&config.worktrees_dir).unwrap_or_else(|_| config.worktrees_dir.clone());
+    std::fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+    let path = dir.join(format!("{repo}.lock"));
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| format!("opening {}: {e}", path.display()))?;
+    let deadline = Instant::now() + config.git_timeout;
+    loop {
+        match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+            Ok(lock) => return Ok(lock),
+            Err((f, _)) if Instant::now() < deadline => {
+                file = f;
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(_) => {
+                return Err(format!(
+                    "another preparation of {repo}'s worktrees held {} longer than ORCH_GIT_TIMEOUT_SECS",
+                    path.display()
+                ))
+            }
+        }
+    }
 }
 
 fn same_path(a: &Path, b: &Path) -> bool {

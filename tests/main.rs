@@ -1,5 +1,6 @@
 mod cli;
 mod common;
+mod dispatch;
 mod docs;
 mod event;
 mod event_hostile;

@@ -441,3 +441,50 @@ impl GitRepo {
         git(&self.clone, &["worktree", "list", "--porcelain"])
     }
 }
+
+/// Kills, when dropped, the process group of every run recorded in the test's database
+/// (supervisors lead their run's group), and every group that `dispatch` passes started
+/// meanwhile: agents the test itself never saw must not outlive it either.
+pub struct RecordedRuns {
+    db: PathBuf,
+}
+
+impl RecordedRuns {
+    pub fn new(env: &Env) -> RecordedRuns {
+        RecordedRuns { db: env.db.clone() }
+    }
+
+    fn groups(&self) -> Vec<i64> {
+        let Ok(c) = rusqlite::Connection::open(&self.db) else {
+            return Vec::new();
+        };
+        let _ = c.busy_timeout(Duration::from_secs(5));
+        let Ok(mut stmt) = c.prepare("SELECT DISTINCT pid FROM jobs WHERE pid > 1") else {
+            return Vec::new();
+        };
+        stmt.query_map([], |r| r.get(0))
+            .map(|rows| rows.flatten().collect())
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for RecordedRuns {
+    fn drop(&mut self) {
+        // Twice: a supervisor's dispatch pass may launch one more run while the first
+        // round is being killed.
+        for _ in 0..2 {
+            for pgid in self.groups() {
+                // Only groups that the recorded pid still leads.
+                let leads = orchctl::integrations::process::stat(pgid)
+                    .is_some_and(|s| s.pgrp as i64 == pgid);
+                if leads || !group_members(pgid as i32).is_empty() {
+                    let _ = nix::sys::signal::killpg(
+                        nix::unistd::Pid::from_raw(pgid as i32),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
+                }
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}

@@ -775,7 +775,7 @@ fn the_agent_cannot_read_the_supervisors_tokens() {
     env.set("ORCH_GITEA_TOKEN", token);
     add(&env, "ORCH-81", "development");
     let nobody = "65534";
-    for p in [env.path(), &env.db.parent().unwrap().to_path_buf()] {
+    for p in [env.path(), env.db.parent().unwrap()] {
         std::os::unix::fs::chown(p, Some(65534), Some(65534)).unwrap();
     }
     std::os::unix::fs::chown(&env.db, Some(65534), Some(65534)).unwrap();

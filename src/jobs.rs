@@ -100,6 +100,32 @@ pub fn complete(
             None => None,
         };
         let stopping = task.as_ref().is_some_and(Task::is_stopping);
+        // An outcome recorded from outside the run (an operator, a script) while its
+        // supervisor still lives ends the run's processes too: a requeue forgets its pid,
+        // and an agent working on after its run ended would be out of every STOP's reach.
+        // The agent's own `complete` (from inside its supervisor's session) is followed by
+        // its exit, and the supervisor ends what is left.
+        if let (Some(pid), Some(t)) = (job.pid, job.task_id) {
+            if process::liveness(pid, job.proc_start) == Liveness::Alive
+                && !process::inside_session_of(pid)
+            {
+                outbox::enqueue(
+                    w,
+                    Some(t),
+                    &outbox::Effect::StopProcess {
+                        job_id: job.id,
+                        run_id: job.run_id,
+                        pid,
+                        proc_start: job.proc_start,
+                    },
+                )?;
+                w.event(
+                    Some(t),
+                    "run_ended_from_outside",
+                    &json!({ "job_id": job.id, "run_id": run_id, "pid": pid, "why": "its outcome was recorded from outside the run while its processes lived: they are stopped" }),
+                )?;
+            }
+        }
         let mut next_job = None;
         let note = match outcome {
             RunOutcome::Success => {

@@ -14,6 +14,7 @@ use serde::Serialize;
 use serde_json::json;
 
 use crate::config::Config;
+use crate::integrations::process;
 use crate::model::Task;
 use crate::outbox::{self, Effect, EffectReport};
 use crate::pipeline::{self, JobStatus, Stage, Trigger};
@@ -370,6 +371,24 @@ fn reset_tx(
                 pid,
                 proc_start: job.proc_start,
             });
+        }
+    }
+    // A run that ended while its processes live on (its deployer marked done by
+    // finalize-deploy, an agent still exiting after its `complete`) is stopped too: the
+    // task's agents all go, not only those of its running jobs.
+    for job in w.jobs_of_task(task.id)? {
+        let stopping = effects
+            .iter()
+            .any(|e| matches!(e, Effect::StopProcess { job_id, .. } if *job_id == job.id));
+        if let (false, Some(pid)) = (stopping, job.pid) {
+            if process::liveness(pid, job.proc_start) == process::Liveness::Alive {
+                effects.push(Effect::StopProcess {
+                    job_id: job.id,
+                    run_id: job.run_id,
+                    pid,
+                    proc_start: job.proc_start,
+                });
+            }
         }
     }
     if let Some(branch) = &task.branch {

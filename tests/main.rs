@@ -15,5 +15,6 @@ mod queue;
 mod reliability;
 mod secrets;
 mod stop;
+mod torture;
 mod ux;
 mod wal;

@@ -82,6 +82,12 @@ pub fn self_identity() -> (i64, i64) {
     (pid, stat(pid).map(|s| s.start).unwrap_or(0))
 }
 
+/// Whether this process runs inside the session that `leader` leads: a run's agent (and
+/// whatever it started without a session of its own) is inside its supervisor's.
+pub fn inside_session_of(leader: i64) -> bool {
+    nix::unistd::getsid(None).is_ok_and(|sid| sid.as_raw() as i64 == leader)
+}
+
 /// What is known about a recorded process.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]

@@ -827,3 +827,80 @@ fn the_agent_cannot_read_the_supervisors_tokens() {
     assert!(!text.contains(token), "{text}");
     assert!(text.contains("Permission denied"), "{text}");
 }
+
+#[test]
+fn an_outcome_recorded_from_outside_a_live_run_ends_its_processes_but_an_agents_own_does_not() {
+    let env = Env::new();
+    let _runs = RecordedRuns::new(&env);
+    let (tid, dev) = add(&env, "ORCH-90", "development");
+    let dev = dev.unwrap();
+    let c = env.json(&["claim", "--exec", "--", "sh", "-c", "sleep 60 & sleep 60"]);
+    let pid = c["pid"].as_i64().unwrap();
+    let _g = GroupGuard(pid);
+    assert!(wait_until(Duration::from_secs(5), || group_members(
+        pid as i32
+    )
+    .len()
+        >= 3));
+    // An operator declares the run failed: it is requeued (its pid forgotten), so its
+    // processes would be out of any STOP's reach; they are stopped instead.
+    let res = env.json(&[
+        "complete",
+        &dev.to_string(),
+        "--run-id",
+        &c["run_id"].to_string(),
+        "--failure",
+        "--error",
+        "given up by hand",
+    ]);
+    assert_eq!(res["note"], "requeued");
+    assert_eq!(group_members(pid as i32), Vec::<i32>::new());
+    assert_eq!(
+        job(&env, dev),
+        ("queued".into(), Some("given up by hand".into()), 1)
+    );
+    assert!(env
+        .json(&["task", "log", &tid.to_string()])
+        .to_string()
+        .contains("run_ended_from_outside"));
+
+    // The agent's own report is followed by its own exit: nothing stops it early.
+    let after = env.path().join("after.txt");
+    let c = env.json(&[
+        "claim",
+        "--exec",
+        "--",
+        "sh",
+        "-c",
+        "\"$0\" complete \"$ORCH_JOB_ID\" --run-id \"$ORCH_RUN_ID\" --success >/dev/null; sleep 0.3; echo after > \"$1\"",
+        crate::common::BIN,
+        after.to_str().unwrap(),
+    ]);
+    let _g2 = GroupGuard(c["pid"].as_i64().unwrap());
+    assert!(wait_until(Duration::from_secs(10), || after.exists()));
+    assert_eq!(job(&env, dev).0, "done");
+}
+
+#[test]
+fn stop_ends_a_process_left_by_a_finished_run_of_the_task() {
+    let env = Env::new();
+    let _runs = RecordedRuns::new(&env);
+    let (tid, _) = add(&env, "ORCH-91", "deploy");
+    env.json(&["confirm-deploy", "ORCH-91"]);
+    let c = env.json(&["claim", "--exec", "--", "sleep", "60"]);
+    let pid = c["pid"].as_i64().unwrap();
+    let _g = GroupGuard(pid);
+    env.json(&["deploy-begin", "ORCH-91"]);
+    assert_eq!(
+        env.json(&["stop", "ORCH-91"])["note"],
+        "deferred-critical-window"
+    );
+    // The deploy step succeeds: the deployer's run is done, the deferred STOP applies —
+    // and the deployer, still running, is stopped with its task.
+    let fin = env.json(&["finalize-deploy", "ORCH-91", "--outcome", "success"]);
+    assert_eq!(fin["note"], "cancelled-after-deploy");
+    assert_eq!(fin["jobs"][0]["status"], "done");
+    assert_eq!(fin["stopped"], 1, "{fin}");
+    assert_eq!(group_members(pid as i32), Vec::<i32>::new());
+    assert_eq!(stage(&env, tid), "cancelled");
+}

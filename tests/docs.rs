@@ -564,10 +564,10 @@ fn cron_lines_and_systemd_units_run_the_right_commands() {
                 && !l.starts_with("PATH=")
         })
         .collect();
-    assert_eq!(jobs.len(), 4, "{jobs:?}");
-    for (line, command) in jobs
-        .iter()
-        .zip(["reap", "reconcile", "prune", "reap --recover"])
+    assert_eq!(jobs.len(), 5, "{jobs:?}");
+    for (line, command) in
+        jobs.iter()
+            .zip(["dispatch", "reap", "reconcile", "prune", "reap --recover"])
     {
         let fields: Vec<&str> = line.split_whitespace().collect();
         let user_at = if fields[0] == "@reboot" { 1 } else { 5 };
@@ -581,16 +581,19 @@ fn cron_lines_and_systemd_units_run_the_right_commands() {
         let (ok, _, err) = sh("sh", &["-n", "-c", &cmd]);
         assert!(ok, "{line}: {err}");
     }
-    assert!(jobs[3].starts_with("@reboot"));
+    assert!(jobs[4].starts_with("@reboot"));
+    // dispatch runs on cron's finest tick, every minute.
+    assert!(jobs[0].starts_with("*   *  *   *   *"), "{}", jobs[0]);
     // The daily prune runs once a day.
-    let prune: Vec<&str> = jobs[2].split_whitespace().take(5).collect();
+    let prune: Vec<&str> = jobs[3].split_whitespace().take(5).collect();
     assert!(
         prune[0].parse::<u8>().is_ok() && prune[1].parse::<u8>().is_ok() && prune[2..] == ["*"; 3],
         "{}",
-        jobs[2]
+        jobs[3]
     );
 
     for (unit, command) in [
+        ("orchctl-dispatch.service", "dispatch"),
         ("orchctl-reap.service", "reap"),
         ("orchctl-reconcile.service", "reconcile"),
         ("orchctl-recover.service", "reap --recover"),
@@ -606,13 +609,20 @@ fn cron_lines_and_systemd_units_run_the_right_commands() {
         assert!(text.contains("EnvironmentFile=/etc/orchctl/env"), "{unit}");
         assert!(text.contains("Type=oneshot"), "{unit}");
     }
-    for timer in ["orchctl-reap.timer", "orchctl-reconcile.timer"] {
+    for timer in [
+        "orchctl-dispatch.timer",
+        "orchctl-reap.timer",
+        "orchctl-reconcile.timer",
+    ] {
         let text = read(&format!("scripts/systemd/{timer}"));
         assert!(
             text.contains("OnUnitActiveSec=") && text.contains("WantedBy=timers.target"),
             "{timer}"
         );
     }
+    // Every 15 s, and the agents dispatch starts are not killed when it exits.
+    assert!(read("scripts/systemd/orchctl-dispatch.timer").contains("OnUnitActiveSec=15s\n"));
+    assert!(read("scripts/systemd/orchctl-dispatch.service").contains("KillMode=process\n"));
     let text = read("scripts/systemd/orchctl-prune.timer");
     assert!(
         text.contains("OnCalendar=daily\n") && text.contains("WantedBy=timers.target"),

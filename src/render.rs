@@ -787,7 +787,12 @@ pub fn dispatch(v: &Value) -> String {
         .collect();
     let mut rows = Vec::new();
     if let Some(Value::Object(slots)) = v.get("slots") {
-        for (agent, sl) in slots {
+        // Pipeline order, not the JSON object's alphabetical one.
+        let mut agents: Vec<(&String, &Value)> = slots.iter().collect();
+        agents.sort_by_key(|(a, _)| {
+            crate::pipeline::Agent::parse(a).map_or(usize::MAX, |a| a as usize)
+        });
+        for (agent, sl) in agents {
             let waiting = v["waiting"].get(agent).and_then(Value::as_i64).unwrap_or(0);
             rows.push(serde_json::json!({
                 "agent": agent,

@@ -98,6 +98,34 @@ pub fn claim(ctx: &Ctx, req: &ClaimRequest) -> Result<Option<Claimed>> {
     Ok(Some(c))
 }
 
+static SUPERVISOR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+
+/// Names the program that supervises runs: the orchctl binary. `main` sets
+/// `/proc/self/exe` (this very binary, even if it was replaced on disk since it started);
+/// the first setting wins.
+pub fn set_supervisor_program(program: PathBuf) {
+    let _ = SUPERVISOR.set(program);
+}
+
+/// The orchctl binary a launch execs as the run's supervisor. A program that uses this
+/// library without setting it (a test binary, a tool of one's own) gets the `orchctl` next
+/// to it — cargo puts test binaries in `target/<profile>/deps/`, beside `orchctl` one
+/// level up — else the one on `PATH`.
+fn supervisor_program() -> PathBuf {
+    if let Some(p) = SUPERVISOR.get() {
+        return p.clone();
+    }
+    if let Ok(exe) = std::env::current_exe() {
+        for dir in exe.ancestors().skip(1).take(2) {
+            let candidate = dir.join("orchctl");
+            if candidate.is_file() {
+                return candidate;
+            }
+        }
+    }
+    PathBuf::from("orchctl")
+}
+
 /// The claimed run `job` with its task, and its audit row, inside the claim's transaction.
 pub(crate) fn started(w: &Writer, job: Job) -> Result<Claimed> {
     let task = match job.task_id {
@@ -173,9 +201,7 @@ pub fn launch_run(ctx: &Ctx, c: &mut Claimed, argv: &[String], lenient: bool) ->
         anyhow::ensure!(!argv.is_empty(), "--exec needs a command after `--`");
         let (gate, opener) = process::pipe().context("creating the launch gate")?;
         let args = supervisor::command_line(&spec, argv)?;
-        // This very binary, even if it was replaced on disk since it started.
-        let (pid, start) =
-            process::spawn_supervisor(std::path::Path::new("/proc/self/exe"), &args, gate, file)?;
+        let (pid, start) = process::spawn_supervisor(&supervisor_program(), &args, gate, file)?;
         Ok((pid, start, opener))
     });
     let (pid, start, opener) = match started {

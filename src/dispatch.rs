@@ -26,7 +26,7 @@ use crate::Ctx;
 
 /// Eligible queued jobs are counted up to this many per agent: `waiting` says "at least
 /// this many" beyond it, and its cost stays bounded however long the queue grows.
-pub const WAITING_CAP: i64 = 1000;
+pub const WAITING_CAP: i64 = 100;
 
 #[derive(Debug, Clone, Default)]
 pub struct DispatchRequest {

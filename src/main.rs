@@ -143,6 +143,9 @@ fn main() -> ExitCode {
     // A run's supervisor (SPEC §13) is this binary exec'd by a launcher, not a command
     // people type: it has no command line of its own to parse.
     let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+    // Every run this process launches (claim --exec, dispatch, a supervisor's own dispatch
+    // pass) is supervised by this very binary.
+    orchctl::claim::set_supervisor_program("/proc/self/exe".into());
     if args.first().is_some_and(|a| a == orchctl::supervisor::ARG) {
         return ExitCode::from(orchctl::supervisor::main(&args));
     }

@@ -904,3 +904,87 @@ fn stop_ends_a_process_left_by_a_finished_run_of_the_task() {
     assert_eq!(group_members(pid as i32), Vec::<i32>::new());
     assert_eq!(stage(&env, tid), "cancelled");
 }
+
+// ------------------------------------------------------------- the claimable jobs
+
+#[test]
+fn a_dependency_finished_by_another_tool_frees_its_dependent_for_the_next_claim() {
+    // The dependent's job is held out of the claim's walk while its dependency is open;
+    // finished with plain SQL (no orchctl write settled it), the claim settles it first.
+    let env = Env::new();
+    let (dep, _) = add(&env, "ORCH-100", "analysis");
+    let v = env.json(&[
+        "task",
+        "add",
+        "--repo",
+        REPO,
+        "--work-item",
+        "ORCH-101",
+        "--stage",
+        "development",
+        "--depends-on",
+        "ORCH-100",
+    ]);
+    let job = v["job"]["id"].as_i64().unwrap();
+    assert_eq!(
+        env.count(&format!(
+            "SELECT count(*) FROM jobs WHERE id = {job} AND held = 1"
+        )),
+        1
+    );
+    assert_eq!(env.run(&["claim", "--agent", "developer"]).0, 3);
+    env.sql()
+        .execute("UPDATE tasks SET stage = 'done' WHERE id = ?1", [dep])
+        .unwrap();
+    let c = env.json(&["claim", "--agent", "developer"]);
+    assert_eq!(c["id"].as_i64(), Some(job));
+}
+
+#[test]
+fn without_task_deps_a_held_job_is_claimed_and_a_plain_sql_job_is_still_judged() {
+    let mut env = Env::new();
+    add(&env, "ORCH-102", "analysis");
+    let v = env.json(&[
+        "task",
+        "add",
+        "--repo",
+        REPO,
+        "--work-item",
+        "ORCH-103",
+        "--stage",
+        "development",
+        "--depends-on",
+        "ORCH-102",
+    ]);
+    let held = v["job"]["id"].as_i64().unwrap();
+    // A job written by another tool for the blocked task: not marked, still not eligible.
+    let tid = v["task"]["id"].as_i64().unwrap();
+    let plain = env.make_job_full(tid, "developer", "queued", None, None, None, 0, 2);
+    let c = env.ctx();
+    let n = c
+        .store
+        .read(|r| {
+            r.count_eligible_queued(
+                &orchctl::store::ClaimFilter {
+                    agents: vec![],
+                    repo: None,
+                    task_deps: true,
+                    serial_gate: true,
+                },
+                "developer",
+                100,
+            )
+        })
+        .unwrap();
+    assert_eq!(n, 0);
+    assert_eq!(env.run(&["claim", "--agent", "developer"]).0, 3);
+    env.set("ORCH_TASK_DEPS", "off");
+    let first = env.json(&["claim", "--agent", "developer"]);
+    let second = env.json(&["claim", "--agent", "developer"]);
+    let mut got = vec![
+        first["id"].as_i64().unwrap(),
+        second["id"].as_i64().unwrap(),
+    ];
+    got.sort();
+    assert_eq!(got, vec![held, plain]);
+}

@@ -657,3 +657,56 @@ fn prune_never_scans_a_table_it_does_not_prune() {
         );
     }
 }
+
+#[test]
+fn dispatch_never_scans_history_and_walks_the_claimable_jobs() {
+    let mut env = world();
+    let _runs = crate::common::RecordedRuns::new(&env);
+    env.set("ORCH_AGENT_CMD_ANALYST", "true")
+        .set("ORCH_AGENT_CMD_DEVELOPER", "true")
+        .set("ORCH_AGENT_SLOTS_DEVELOPER", "2")
+        .set("ORCH_WORKTREE_AGENTS", "none");
+    std::fs::create_dir_all(env.repos.join("orchestrator")).unwrap();
+    let ctx = ctx(&env);
+    let dry = orchctl::dispatch::DispatchRequest {
+        dry_run: true,
+        ..Default::default()
+    };
+    orchctl::dispatch::dispatch(&ctx, &dry).unwrap();
+    let d = orchctl::dispatch::dispatch(&ctx, &Default::default()).unwrap();
+    assert!(!d.launched.is_empty(), "{d:?}");
+    // A filtered pass, and a claim of one agent and of all.
+    orchctl::dispatch::dispatch(
+        &ctx,
+        &orchctl::dispatch::DispatchRequest {
+            agents: vec!["developer".into()],
+            repo: Some("orchestrator".into()),
+            dry_run: false,
+        },
+    )
+    .unwrap();
+    claim::claim(
+        &ctx,
+        &ClaimRequest {
+            agents: vec!["reviewer".into()],
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    claim::claim(&ctx, &ClaimRequest::default()).unwrap();
+    let sql = check_plans("dispatch", &ctx);
+    for (fragment, index) in [
+        ("INDEXED BY jobs_claimable_agent", "jobs_claimable_agent"),
+        ("INDEXED BY jobs_claimable LEFT", "jobs_claimable"),
+        (
+            "FROM jobs WHERE status = 'running' GROUP BY agent",
+            "jobs_status_id",
+        ),
+    ] {
+        let plan = plans_of(&ctx, &sql, fragment);
+        assert!(
+            plan.iter().any(|l| l.contains(index)),
+            "{fragment}: {plan:#?}"
+        );
+    }
+}

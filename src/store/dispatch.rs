@@ -7,11 +7,9 @@
 //! IMMEDIATE`, which holds the write lock from the count to the commit; a backend whose
 //! transactions run side by side must lock what the count reads.
 
-use anyhow::{Context, Result};
-use rusqlite::ToSql;
-
 use super::{ClaimFilter, Reader, Writer};
 use crate::model::Job;
+use anyhow::{Context, Result};
 
 /// What a slot-bounded claim saw and took.
 #[derive(Debug, Clone, Default)]
@@ -67,50 +65,6 @@ impl<'c> Writer<'c> {
         };
         out.job = self.claim_next_job(&filter)?;
         Ok(out)
-    }
-}
-
-impl<'c> Reader<'c> {
-    /// How many queued jobs of `agent` `claim` could take now (the eligibility of
-    /// [`Writer::claim_next_job`]: task live, no STOP pending, dependencies done, the serial
-    /// gate), counted up to `cap`.
-    pub fn count_eligible_queued(&self, f: &ClaimFilter, agent: &str, cap: i64) -> Result<i64> {
-        // The same conditions as claim_next_job's choice, written out again here: the
-        // store of each backend owns its SQL, and tests/dispatch.rs checks the two agree.
-        let mut sql = String::from(
-            "SELECT count(*) FROM (
-               SELECT 1 FROM jobs j LEFT JOIN tasks t ON t.id = j.task_id
-               WHERE j.status = 'queued' AND j.agent = ?1
-                 AND (j.task_id IS NULL OR (t.stage NOT IN ('done', 'cancelled')
-                                            AND t.cancel_requested_at IS NULL))",
-        );
-        if f.task_deps {
-            sql.push_str(
-                " AND NOT EXISTS (SELECT 1 FROM task_deps d LEFT JOIN tasks dt ON dt.id = d.depends_on
-                                  WHERE d.task_id = j.task_id AND dt.stage IS NOT 'done')",
-            );
-        }
-        if f.serial_gate {
-            sql.push_str(
-                " AND (j.agent <> 'deployer' OR NOT EXISTS (
-                        SELECT 1 FROM merge_leases l WHERE l.repo = j.repo AND l.branch IS NOT t.branch))",
-            );
-        }
-        let mut args: Vec<&dyn ToSql> = vec![&agent];
-        if let Some(repo) = &f.repo {
-            sql.push_str(" AND j.repo = ?2");
-            args.push(repo);
-        }
-        sql.push_str(if f.repo.is_some() {
-            " LIMIT ?3)"
-        } else {
-            " LIMIT ?2)"
-        });
-        args.push(&cap);
-        self.c
-            .prepare_cached(&sql)?
-            .query_row(args.as_slice(), |r| r.get(0))
-            .with_context(|| format!("counting the queued {agent} jobs"))
     }
 }
 

@@ -398,6 +398,10 @@ impl<'c> Writer<'c> {
                 Some(t) => self.awaiting_now(t)?,
                 None => None,
             };
+            let blocked = matches!(
+                kind,
+                Some(Awaiting::Dependency | Awaiting::BlockedByCancelled)
+            );
             match (task, kind) {
                 (Some(t), Some(k)) => {
                     put.execute(params![id, k, t.work_item_id, t.repo, t.stage])?;
@@ -406,6 +410,8 @@ impl<'c> Writer<'c> {
                     forget.execute([id])?;
                 }
             }
+            // A dependency holds the task's queued jobs out of the claim's walk.
+            self.hold_queued_jobs(id, blocked)?;
             settled.execute([id])?;
         }
         Ok(ids.len())

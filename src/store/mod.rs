@@ -8,6 +8,7 @@
 //! overwrite a newer truth. Timestamps and ids are produced here, never by callers.
 
 mod branches;
+mod claimable;
 mod dispatch;
 mod fallback;
 mod keys;
@@ -1017,44 +1018,12 @@ impl<'c> Writer<'c> {
     /// `deployer` under the serial gate the repo's merge lease is taken in the same
     /// transaction.
     pub fn claim_next_job(&self, f: &ClaimFilter) -> Result<Option<Job>> {
-        let mut sql = String::from(
-            "SELECT j.id, t.branch FROM jobs j LEFT JOIN tasks t ON t.id = j.task_id
-             WHERE j.status = 'queued'
-               AND (j.task_id IS NULL OR (t.stage NOT IN ('done', 'cancelled')
-                                          AND t.cancel_requested_at IS NULL))",
-        );
+        // What tasks wait for, settled first: another tool may have finished a dependency
+        // since orchctl last wrote (the claimable index, store/claimable.rs).
         if f.task_deps {
-            sql.push_str(
-                " AND NOT EXISTS (SELECT 1 FROM task_deps d LEFT JOIN tasks dt ON dt.id = d.depends_on
-                                  WHERE d.task_id = j.task_id AND dt.stage IS NOT 'done')",
-            );
+            self.settle_waits()?;
         }
-        if f.serial_gate {
-            sql.push_str(
-                " AND (j.agent <> 'deployer' OR NOT EXISTS (
-                        SELECT 1 FROM merge_leases l WHERE l.repo = j.repo AND l.branch IS NOT t.branch))",
-            );
-        }
-        let mut args: Vec<&dyn rusqlite::ToSql> = Vec::new();
-        if !f.agents.is_empty() {
-            sql.push_str(" AND j.agent IN (");
-            for (i, a) in f.agents.iter().enumerate() {
-                sql.push_str(if i == 0 { "?" } else { ", ?" });
-                args.push(a);
-            }
-            sql.push(')');
-        }
-        if let Some(repo) = &f.repo {
-            sql.push_str(" AND j.repo = ?");
-            args.push(repo);
-        }
-        sql.push_str(" ORDER BY j.id LIMIT 1");
-        let picked: Option<(i64, Option<String>)> = self
-            .c
-            .prepare_cached(&sql)?
-            .query_row(args.as_slice(), |r| Ok((r.get(0)?, r.get(1)?)))
-            .optional()
-            .context("choosing a job to claim")?;
+        let picked = self.oldest_claimable(f)?;
         let Some((job_id, branch)) = picked else {
             return Ok(None);
         };
@@ -1064,7 +1033,7 @@ impl<'c> Writer<'c> {
                 "UPDATE jobs SET status = 'running',
                         run_id = (SELECT coalesce(max(run_id), 0) + 1 FROM jobs),
                         attempts = attempts + 1, claimed_at = {NOW_SQL},
-                        pid = NULL, proc_start = NULL, finished_at = NULL
+                        pid = NULL, proc_start = NULL, finished_at = NULL, held = NULL
                  WHERE id = ?1 AND status = 'queued'
                  RETURNING {JOB_COLS}"
             ))?

@@ -19,6 +19,7 @@ pub const MIGRATIONS: &[Migration] = &[
     m4_task_counts,
     m5_live_branches,
     m6_awaiting,
+    super::claimable::m7_claimable,
 ];
 
 /// The schema version this binary writes.
@@ -42,7 +43,12 @@ fn has_column(conn: &Connection, table: &str, column: &str) -> Result<bool> {
 
 /// Adds `column` to `table` when missing. `ALTER TABLE ADD COLUMN` only takes constant
 /// defaults, so time columns added this way start NULL; the store always writes them.
-fn ensure_column(conn: &Connection, table: &str, column: &str, decl: &str) -> Result<()> {
+pub(super) fn ensure_column(
+    conn: &Connection,
+    table: &str,
+    column: &str,
+    decl: &str,
+) -> Result<()> {
     if !has_column(conn, table, column)? {
         conn.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column} {decl}"))
             .with_context(|| format!("adding column {table}.{column}"))?;

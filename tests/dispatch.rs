@@ -988,3 +988,49 @@ fn without_task_deps_a_held_job_is_claimed_and_a_plain_sql_job_is_still_judged()
     got.sort();
     assert_eq!(got, vec![held, plain]);
 }
+
+#[test]
+fn dispatch_in_text_says_what_it_launched_and_each_agents_slots_in_pipeline_order() {
+    let mut env = Env::new();
+    GitRepo::new(&env, REPO);
+    let _runs = RecordedRuns::new(&env);
+    env.set("ORCH_AGENT_CMD_DEVELOPER", "sleep 60")
+        .set("ORCH_MAX_AGENTS", "3");
+    add(&env, "ORCH-110", "development");
+    add(&env, "ORCH-111", "development");
+    let (code, out, err) = env.run(&["--format", "text", "dispatch"]);
+    assert_eq!(code, 0, "{err}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert!(
+        lines[0].starts_with("launched 1 run(s); reap: 0 checked"),
+        "{out}"
+    );
+    assert!(
+        out.contains("ORCH-110") && out.contains("worktrees/orchestrator/ORCH-110"),
+        "{out}"
+    );
+    let agents: Vec<&str> = lines
+        .iter()
+        .skip_while(|l| !l.starts_with("AGENT"))
+        .skip(1)
+        .map(|l| l.split_whitespace().next().unwrap())
+        .collect();
+    assert_eq!(
+        agents,
+        ["analyst", "developer", "reviewer", "deployer", "in"],
+        "{out}"
+    );
+    let developer = lines.iter().find(|l| l.starts_with("developer")).unwrap();
+    assert_eq!(
+        developer.split_whitespace().collect::<Vec<_>>(),
+        ["developer", "1", "1", "1", "set"],
+        "{out}"
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with("analyst") && l.ends_with("none")),
+        "{out}"
+    );
+    assert!(!out.contains('{'), "no JSON in the text layout: {out}");
+}

@@ -103,7 +103,22 @@ pub fn dispatch(ctx: &Ctx, req: &DispatchRequest) -> Result<DispatchResult> {
     // Every successful launch fills a slot, so at most ORCH_MAX_AGENTS claims can succeed;
     // a launch that fails gives its attempt back, and is not tried again in this pass.
     let max_claims = config.max_agents.max(0) as usize;
-    if req.dry_run {
+    // A pass on a busy host has nothing to claim: when no agent with a command has a free
+    // slot, the claim transaction is skipped (a slot freed meanwhile is filled by the
+    // supervisor whose run ended, or by the next pass).
+    let before = ctx.store.read(|r| r.running_by_agent())?;
+    let total_before: i64 = before.iter().map(|(_, n)| n).sum();
+    let free = total_before < config.max_agents
+        && limits.iter().any(|(agent, limit)| {
+            before
+                .iter()
+                .find(|(a, _)| a == agent)
+                .map_or(0, |(_, n)| *n)
+                < *limit
+        });
+    if !free {
+        // Nothing to launch.
+    } else if req.dry_run {
         launched = ctx.store.write_rolled_back(|w| {
             let mut would = Vec::new();
             while would.len() < max_claims {
@@ -135,8 +150,13 @@ pub fn dispatch(ctx: &Ctx, req: &DispatchRequest) -> Result<DispatchResult> {
             }
         }
     }
+    let launched_any = !launched.is_empty() && !req.dry_run;
     let (running, mut waiting) = ctx.store.read(|r| {
-        let running = r.running_by_agent()?;
+        let running = if launched_any {
+            r.running_by_agent()?
+        } else {
+            before.clone()
+        };
         let mut waiting = BTreeMap::new();
         for a in &agents {
             let n = r.count_eligible_queued(&filter, a.as_str(), WAITING_CAP)?;

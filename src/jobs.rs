@@ -266,13 +266,13 @@ pub struct ReapReport {
 }
 
 /// Why a running job is considered dead, or `None` while it lives.
-fn death(ctx: &Ctx, job: &Job, recover: bool) -> Result<Option<String>> {
+fn death(ctx: &Ctx, job: &Job, age: Option<f64>, recover: bool) -> Result<Option<String>> {
     if recover {
         return Ok(Some(
             "recovery: every running job is dead after a reboot".into(),
         ));
     }
-    let age = || -> Result<Option<f64>> { ctx.store.read(|r| r.seconds_since_claim(job.id)) };
+    let age = || -> Result<Option<f64>> { Ok(age) };
     let timeout = Duration::from_secs(ctx.config.claim_timeout_secs.max(0) as u64).as_secs_f64();
     match job.pid {
         Some(pid) => match process::liveness(pid, job.proc_start) {
@@ -330,15 +330,15 @@ pub fn reap_unknown_outcome(w: &Writer, job: &Job, reason: &str) -> Result<Optio
 }
 
 pub fn reap(ctx: &Ctx, opts: ReapOptions) -> Result<ReapReport> {
-    let running = ctx.store.read(|r| r.running_jobs())?;
+    let running = ctx.store.read(|r| r.running_jobs_aged())?;
     let mut report = ReapReport {
         dry_run: opts.dry_run,
         checked: running.len(),
         ..Default::default()
     };
     let mut dead = Vec::new();
-    for job in running {
-        match death(ctx, &job, opts.recover)? {
+    for (job, age) in running {
+        match death(ctx, &job, age, opts.recover)? {
             None => report.alive += 1,
             Some(reason) => dead.push((job, reason)),
         }

@@ -4,11 +4,29 @@
 //! the run a live, recorded one, and reap must then change nothing — or the agent would
 //! run unrecorded, out of reach of STOP.
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use rusqlite::params;
 
-use super::{Writer, NOW_SQL};
+use super::{job_row, Reader, Writer, JOB_COLS, NOW_SQL};
 use crate::model::Job;
+
+impl<'c> Reader<'c> {
+    /// Every running job, oldest first, with the seconds since its run was claimed (its
+    /// creation for a row another tool set running without a claim time): what reap judges
+    /// a pid-less run by, read in the same statement rather than one query per run.
+    pub fn running_jobs_aged(&self) -> Result<Vec<(Job, Option<f64>)>> {
+        let mut stmt = self.c.prepare_cached(&format!(
+            "SELECT {JOB_COLS},
+                    (julianday('now') - julianday(coalesce(claimed_at, created_at))) * 86400.0
+             FROM jobs WHERE status = 'running' ORDER BY id"
+        ))?;
+        let rows = stmt
+            .query_map([], |r| Ok((job_row(r)?, r.get::<_, Option<f64>>(14)?)))?
+            .collect::<rusqlite::Result<Vec<_>>>()
+            .context("reading running jobs")?;
+        Ok(rows)
+    }
+}
 
 impl<'c> Writer<'c> {
     /// Puts the judged run back in the queue; false when the job is no longer exactly the

@@ -115,7 +115,7 @@ complete -c orchctl -n "__fish_orchctl_using_subcommand claim" -l repo -d 'Only 
 complete -c orchctl -n "__fish_orchctl_using_subcommand claim" -l db -d 'The SQLite database [default: $XDG_STATE_HOME/orchctl/orch.db]' -r -F
 complete -c orchctl -n "__fish_orchctl_using_subcommand claim" -l format -d 'Output format [default: text on a terminal, JSON otherwise]' -r -f -a "json\t''
 text\t''"
-complete -c orchctl -n "__fish_orchctl_using_subcommand claim" -l exec -d 'Launch the agent: the command after `--`, detached in its own session'
+complete -c orchctl -n "__fish_orchctl_using_subcommand claim" -l exec -d 'Launch the agent: the command after `--`, under a supervisor in its own session'
 complete -c orchctl -n "__fish_orchctl_using_subcommand claim" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c orchctl -n "__fish_orchctl_using_subcommand dispatch" -l agent -d 'Only jobs of this agent (repeatable)' -r -f -a "analyst\t''
 developer\t''

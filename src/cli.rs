@@ -120,9 +120,13 @@ pub enum Command {
     /// Eligible: the task is live with no stop requested, its dependencies are done
     /// (ORCH_TASK_DEPS) and, for the deployer under the serial gate (ORCH_SERIAL_GATE),
     /// the repo's merge lease is free or already the task's. Concurrent claimers never
-    /// get the same job. With --exec the agent is started detached in its own session,
-    /// with ORCH_JOB_ID, ORCH_RUN_ID, ORCH_TASK_ID, ORCH_WORK_ITEM, ORCH_REPO, ORCH_BRANCH
-    /// and ORCH_DB_PATH set and its output in $ORCH_LOG_DIR/job-<id>-run-<run>.log.
+    /// get the same job. With --exec the agent is started as dispatch starts it: under a
+    /// supervisor leading a session of its own (its pid is the one recorded), with
+    /// ORCH_JOB_ID, ORCH_RUN_ID, ORCH_TASK_ID, ORCH_WORK_ITEM, ORCH_REPO, ORCH_BRANCH,
+    /// ORCH_AGENT, ORCH_WORKTREE and ORCH_DB_PATH set and its output in
+    /// $ORCH_LOG_DIR/job-<id>-run-<run>.log; its exit status is the run's outcome unless it
+    /// calls complete first. With a clone at $ORCH_REPOS_DIR/<repo>, developers, reviewers
+    /// and deployers work in the task's worktree; without one, in the current folder.
     Claim(ClaimArgs),
 
     /// Launch agents into free slots: reap, then claim and start jobs (run it from a timer)
@@ -363,7 +367,7 @@ pub struct ClaimArgs {
     /// Only jobs of this repo
     #[arg(long, value_name = "R", env = "ORCH_CLAIM_REPO")]
     pub repo: Option<String>,
-    /// Launch the agent: the command after `--`, detached in its own session
+    /// Launch the agent: the command after `--`, under a supervisor in its own session
     #[arg(long, requires = "command")]
     pub exec: bool,
     /// The agent command and its arguments (after `--`)

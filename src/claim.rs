@@ -200,7 +200,15 @@ pub fn launch_run(ctx: &Ctx, c: &mut Claimed, argv: &[String], lenient: bool) ->
     let started = process::append_file(&log).and_then(|file| {
         anyhow::ensure!(!argv.is_empty(), "--exec needs a command after `--`");
         let (gate, opener) = process::pipe().context("creating the launch gate")?;
-        let args = supervisor::command_line(&spec, argv)?;
+        // The agent starts in its worktree or clone: a program named by a relative path
+        // (`./agent.sh`) is the one the launcher's caller meant, in the launcher's folder.
+        let mut argv = argv.to_vec();
+        if argv[0].contains('/') && std::path::Path::new(&argv[0]).is_relative() {
+            if let Ok(abs) = std::path::absolute(&argv[0]) {
+                argv[0] = abs.to_string_lossy().into_owned();
+            }
+        }
+        let args = supervisor::command_line(&spec, &argv)?;
         let (pid, start) = process::spawn_supervisor(&supervisor_program(), &args, gate, file)?;
         Ok((pid, start, opener))
     });

@@ -1034,3 +1034,36 @@ fn dispatch_in_text_says_what_it_launched_and_each_agents_slots_in_pipeline_orde
     );
     assert!(!out.contains('{'), "no JSON in the text layout: {out}");
 }
+
+#[test]
+fn claim_exec_of_a_relative_program_runs_the_one_in_the_callers_folder_inside_the_worktree() {
+    let env = Env::new();
+    GitRepo::new(&env, REPO);
+    let _runs = RecordedRuns::new(&env);
+    let (_, dev) = add(&env, "ORCH-120", "development");
+    let out = env.path().join("where.txt");
+    script(
+        &env.path().join("agent.sh"),
+        &format!("#!/bin/sh\npwd -P > '{}'\n", out.display()),
+    );
+    let o = env
+        .cmd()
+        .current_dir(env.path())
+        .args(["claim", "--exec", "--", "./agent.sh"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(wait_until(Duration::from_secs(10), || job(
+        &env,
+        dev.unwrap()
+    )
+    .0 == "done"));
+    assert_eq!(
+        std::fs::read_to_string(&out).unwrap().trim(),
+        worktrees_dir(&env)
+            .join(REPO)
+            .join("ORCH-120")
+            .display()
+            .to_string()
+    );
+}

@@ -1,8 +1,10 @@
 //! orchctl: the state keeper and control tool of an AI-agent delivery pipeline.
 //!
 //! The binary (`main.rs`) parses the command line and renders results; everything else
-//! lives here. Data flows one way: a domain module (stop, claim, jobs, deploy, reconcile,
-//! event, queue, tasks) decides, the store keeps state, the integrations touch the world.
+//! lives here. Data flows one way: a domain module (stop, claim, jobs, dispatch, deploy,
+//! reconcile, event, queue, tasks) decides, the store keeps state, the integrations touch
+//! the world. A run's supervisor (`supervisor`) is this library too, in a process of its
+//! own that the launchers (claim --exec, dispatch) exec.
 //! Domain modules return result structs and never print.
 
 pub mod claim;

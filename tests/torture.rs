@@ -201,6 +201,31 @@ fn sigkilling_claim_exec_and_dispatch_at_50_random_moments_leaves_no_agent_unrec
         .set("ORCH_MAX_AGENTS", "60")
         .set("ORCH_WORKTREE_AGENTS", "none");
     let started = Instant::now();
+    // How long one launch takes here and now (the machine may be busy): the kills are
+    // spread over twice that, so some land inside the launch and some after it.
+    let mut window = Duration::ZERO;
+    for (i, args) in [
+        vec!["claim", "--exec", "--", agent.as_str()],
+        vec!["dispatch"],
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        env.json(&[
+            "task",
+            "add",
+            "--repo",
+            "orchestrator",
+            "--work-item",
+            &format!("ORCH-{}", 90 + i),
+            "--stage",
+            "development",
+        ]);
+        let t = Instant::now();
+        env.json(&args);
+        window = window.max(t.elapsed());
+    }
+    let window = (window * 2).max(Duration::from_millis(10));
     for i in 0..50 {
         env.json(&[
             "task",
@@ -220,8 +245,7 @@ fn sigkilling_claim_exec_and_dispatch_at_50_random_moments_leaves_no_agent_unrec
         } else {
             vec!["dispatch".into()]
         };
-        // A launch takes a few milliseconds: kill anywhere in it, or a little after.
-        let after = Duration::from_micros(rng.below(25_000));
+        let after = Duration::from_micros(rng.below(window.as_micros() as u64));
         run_or_kill(&env, &args, Some(after));
     }
     // A supervisor whose launcher died before opening the gate exits on its own.

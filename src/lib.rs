@@ -46,10 +46,37 @@ pub struct Ctx {
     pub config: Config,
 }
 
+/// Where the state lives: an SQLite file (SPEC §2) or a PostgreSQL database shared by
+/// several hosts (SPEC §12).
+#[derive(Clone, PartialEq, Eq)]
+pub enum DbTarget {
+    Sqlite(PathBuf),
+    /// A `postgres://` or `postgresql://` URL (libpq's forms). It may hold a password:
+    /// its `Debug` never shows it.
+    Postgres(String),
+}
+
+impl std::fmt::Debug for DbTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DbTarget::Sqlite(p) => f.debug_tuple("Sqlite").field(p).finish(),
+            DbTarget::Postgres(_) => f.write_str("Postgres(***)"),
+        }
+    }
+}
+
 impl Ctx {
-    /// Opens (and migrates) the database at `db` with `config`.
+    /// Opens (and migrates) the SQLite database at `db` with `config`.
     pub fn open(db: &Path, config: Config) -> Result<Ctx> {
-        let store = Store::open(db, config.busy_timeout_ms)?;
+        Ctx::open_target(&DbTarget::Sqlite(db.to_path_buf()), config)
+    }
+
+    /// Opens (and migrates) the database `target` names with `config`.
+    pub fn open_target(target: &DbTarget, config: Config) -> Result<Ctx> {
+        let store = match target {
+            DbTarget::Sqlite(db) => Store::open(db, config.busy_timeout_ms)?,
+            DbTarget::Postgres(_) => anyhow::bail!("the PostgreSQL backend is not built yet"),
+        };
         Ok(Ctx { store, config })
     }
 }

@@ -22,7 +22,7 @@ use crate::integrations::process;
 use crate::model::Job;
 use crate::names;
 use crate::pipeline::{JobStatus, Stage};
-use crate::store::{ClaimFilter, Writer};
+use crate::store::{ClaimFilter, Launch, Writer};
 use crate::supervisor::{self, RunSpec};
 use crate::worktree::{self, Place};
 use crate::Ctx;
@@ -85,10 +85,12 @@ pub fn claim(ctx: &Ctx, req: &ClaimRequest) -> Result<Option<Claimed>> {
         task_deps: ctx.config.task_deps,
         serial_gate: ctx.config.serial_gate,
     };
-    let claimed = ctx.store.write(|w| match w.claim_next_job(&filter)? {
-        Some(job) => started(w, job).map(Some),
-        None => Ok(None),
-    })?;
+    let claimed = ctx
+        .store
+        .write(|w| match w.claim_next_job(&filter, ctx.host())? {
+            Some(job) => started(w, job).map(Some),
+            None => Ok(None),
+        })?;
     let Some(mut c) = claimed else {
         return Ok(None);
     };
@@ -175,7 +177,10 @@ pub fn launch_run(ctx: &Ctx, c: &mut Claimed, argv: &[String], lenient: bool) ->
         .config
         .log_dir
         .join(format!("job-{}-run-{}.log", c.id, c.run_id));
-    let db = std::path::absolute(ctx.store.path()).unwrap_or_else(|_| ctx.store.path().into());
+    let db = ctx
+        .store
+        .path()
+        .map(|p| std::path::absolute(p).unwrap_or_else(|_| p.into()));
     let place = worktree::place_for(&ctx.config, &c.agent, &c.repo, lenient);
     c.worktree = match &place {
         Place::Worktree => c
@@ -209,7 +214,14 @@ pub fn launch_run(ctx: &Ctx, c: &mut Claimed, argv: &[String], lenient: bool) ->
             }
         }
         let args = supervisor::command_line(&spec, &argv)?;
-        let (pid, start) = process::spawn_supervisor(&supervisor_program(), &args, gate, file)?;
+        // On PostgreSQL the supervisor needs the URL, which may hold a password: in its
+        // environment (it makes itself non-dumpable), never on its command line.
+        let env: Vec<(&str, &str)> = match &ctx.target {
+            crate::DbTarget::Postgres(url) => vec![("ORCH_DB_URL", url.as_str())],
+            crate::DbTarget::Sqlite(_) => Vec::new(),
+        };
+        let (pid, start) =
+            process::spawn_supervisor(&supervisor_program(), &args, &env, gate, file)?;
         Ok((pid, start, opener))
     });
     let (pid, start, opener) = match started {
@@ -236,7 +248,16 @@ pub fn launch_run(ctx: &Ctx, c: &mut Claimed, argv: &[String], lenient: bool) ->
         }
     };
     let recorded = ctx.store.write(|w| {
-        let ok = w.record_launch(c.id, c.run_id, pid, start)?;
+        let ok = w.record_launch(
+            c.id,
+            c.run_id,
+            &Launch {
+                pid,
+                proc_start: start,
+                host: ctx.host().to_string(),
+                boot_id: process::boot_id(),
+            },
+        )?;
         if ok {
             w.event(
                 c.task_id,

@@ -74,6 +74,18 @@ pub struct Cli {
     #[arg(long, global = true, env = "ORCH_DB_PATH", value_name = "PATH")]
     pub db: Option<PathBuf>,
 
+    /// A PostgreSQL database shared by several agent hosts, instead of the SQLite file
+    /// (postgres:// or postgresql:// URL; wins over --db). Prefer ORCH_DB_URL with the
+    /// password in ORCH_DB_PASSWORD: a command line is visible to every user
+    #[arg(
+        long,
+        global = true,
+        env = "ORCH_DB_URL",
+        value_name = "URL",
+        hide_env_values = true
+    )]
+    pub db_url: Option<String>,
+
     /// Output format [default: text on a terminal, JSON otherwise]
     #[arg(long, global = true, env = "ORCH_FORMAT", value_enum)]
     pub format: Option<Format>,

@@ -24,10 +24,11 @@ use crate::pipeline::Agent;
 
 /// Variables holding secrets: removed from the environment of every child orchctl starts
 /// (agents, git, the notify hook), which never need orchctl's own credentials.
-pub const SECRET_VARS: [&str; 3] = [
+pub const SECRET_VARS: [&str; 4] = [
     "ORCH_GITEA_TOKEN",
     "ORCH_PLANE_API_TOKEN",
     "ORCH_PLANE_WEBHOOK_SECRET",
+    "ORCH_DB_PASSWORD",
 ];
 
 /// The longest duration any `ORCH_*` variable may ask for: one day.
@@ -40,6 +41,10 @@ pub const MAX_SECS: i64 = 86_400;
 #[rustfmt::skip]
 pub const VARIABLES: &[(&str, &str, &str)] = &[
     ("ORCH_DB_PATH", "$XDG_STATE_HOME/orchctl/orch.db", "the SQLite database (same as --db); its folder is created"),
+    ("ORCH_DB_URL", "", "a postgres:// or postgresql:// URL (same as --db-url): the PostgreSQL database every host shares, instead of the SQLite file; a password in it is a secret"),
+    ("ORCH_DB_PASSWORD", "", "the PostgreSQL password, when it is not in ORCH_DB_URL (secret)"),
+    ("ORCH_HOST_ID", "the hostname", "this host's name among the hosts sharing a PostgreSQL database: only it signals the agents it launched"),
+    ("ORCH_HOST_DEAD_SECS", "900", "a host unseen this long is dead: another host's reconcile ends its runs and fails its side effects"),
     ("ORCH_FORMAT", "text on a terminal, else json", "output format: json or text (same as --format)"),
     ("ORCH_REPOS_DIR", "$XDG_STATE_HOME/orchctl/repos", "where the clones live: <dir>/<repo>; worktrees are removed from them"),
     ("ORCH_LOG_DIR", "$XDG_STATE_HOME/orchctl/logs", "agent output of claim --exec: job-<id>-run-<run>.log"),
@@ -197,8 +202,67 @@ pub struct Config {
     /// Agent output kept per run in its log.
     pub log_max_bytes: u64,
     /// Every value of [`SECRET_VARS`] that is set, whether or not its integration is
-    /// configured: a token is scrubbed from text even when its URL is missing.
+    /// configured: a token is scrubbed from text even when its URL is missing. The
+    /// password of `ORCH_DB_URL` is one of them.
     pub secret_values: Vec<Secret>,
+    /// This host's id among the hosts sharing a database (`ORCH_HOST_ID`, else the
+    /// hostname).
+    pub host_id: String,
+    /// A host unseen this long is dead (`ORCH_HOST_DEAD_SECS`).
+    pub host_dead_secs: i64,
+    /// The PostgreSQL password when it is not in the URL (`ORCH_DB_PASSWORD`).
+    pub db_password: Option<Secret>,
+}
+
+/// This host's id: `ORCH_HOST_ID`, else the hostname. It names the host in the database
+/// and in `queue`, so it is printable text without blanks.
+fn host_id(configured: Option<String>) -> Result<String> {
+    let id = match configured {
+        Some(v) => v.trim().to_string(),
+        None => nix::unistd::gethostname()
+            .ok()
+            .and_then(|h| h.into_string().ok())
+            .filter(|h| !h.trim().is_empty())
+            .unwrap_or_else(|| "localhost".into()),
+    };
+    if id.len() > 255 || id.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(config_err(format!(
+            "ORCH_HOST_ID={id:?} is not a host id (printable text without blanks, at most 255 bytes)"
+        )));
+    }
+    Ok(id)
+}
+
+/// The password written into a database URL (`postgres://user:password@host/db`, or a
+/// `password=` parameter), as written and percent-decoded, for scrubbing: it is a secret
+/// wherever it appears.
+pub fn url_passwords(url: &str) -> Vec<String> {
+    let Some(raw) = url_password_raw(url) else {
+        return Vec::new();
+    };
+    let decoded = percent_encoding::percent_decode_str(&raw)
+        .decode_utf8_lossy()
+        .into_owned();
+    let mut out = vec![raw];
+    if decoded != out[0] {
+        out.push(decoded);
+    }
+    out
+}
+
+fn url_password_raw(url: &str) -> Option<String> {
+    let rest = url.split_once("://").map(|(_, r)| r)?;
+    let authority = rest.split(['/', '?']).next().unwrap_or("");
+    let from_userinfo = authority
+        .rsplit_once('@')
+        .and_then(|(userinfo, _)| userinfo.split_once(':'))
+        .map(|(_, pw)| pw.to_string());
+    let from_query = url.split_once('?').and_then(|(_, q)| {
+        q.split('&')
+            .find_map(|kv| kv.strip_prefix("password="))
+            .map(String::from)
+    });
+    from_userinfo.or(from_query).filter(|p| !p.is_empty())
 }
 
 /// The default state folder: `$XDG_STATE_HOME/orchctl` or `~/.local/state/orchctl`.
@@ -567,7 +631,17 @@ impl Config {
                 .iter()
                 .filter_map(|k| get(k))
                 .map(|v| Secret::new(v.trim()))
+                .chain(
+                    get("ORCH_DB_URL")
+                        .map(|u| url_passwords(&u))
+                        .unwrap_or_default()
+                        .into_iter()
+                        .map(Secret::new),
+                )
                 .collect(),
+            host_id: host_id(nonempty("ORCH_HOST_ID"))?,
+            host_dead_secs: number("ORCH_HOST_DEAD_SECS", 900, 1)?,
+            db_password: nonempty("ORCH_DB_PASSWORD").map(|v| Secret::new(v.trim())),
         })
     }
 
@@ -652,10 +726,15 @@ pub fn scrub_env(text: &str) -> String {
 impl Environment {
     /// Replaces the value of every secret variable in `text` by `***`.
     pub fn scrub(&self, text: &str) -> String {
+        let url_pw = self
+            .get("ORCH_DB_URL")
+            .map(url_passwords)
+            .unwrap_or_default();
         let mut values: Vec<&str> = SECRET_VARS
             .iter()
             .filter_map(|k| self.get(k))
             .map(|v| v.trim())
+            .chain(url_pw.iter().map(String::as_str))
             .collect();
         values.sort_by_key(|s| std::cmp::Reverse(s.len()));
         scrub_text(&values, text)

@@ -106,7 +106,7 @@ pub fn dispatch(ctx: &Ctx, req: &DispatchRequest) -> Result<DispatchResult> {
     // A pass on a busy host has nothing to claim: when no agent with a command has a free
     // slot, the claim transaction is skipped (a slot freed meanwhile is filled by the
     // supervisor whose run ended, or by the next pass).
-    let before = ctx.store.read(|r| r.running_by_agent())?;
+    let before = ctx.store.read(|r| r.running_by_agent(Some(ctx.host())))?;
     let total_before: i64 = before.iter().map(|(_, n)| n).sum();
     let free = total_before < config.max_agents
         && limits.iter().any(|(agent, limit)| {
@@ -122,7 +122,7 @@ pub fn dispatch(ctx: &Ctx, req: &DispatchRequest) -> Result<DispatchResult> {
         launched = ctx.store.write_rolled_back(|w| {
             let mut would = Vec::new();
             while would.len() < max_claims {
-                let sc = w.claim_in_slots(&filter, &limits, config.max_agents)?;
+                let sc = w.claim_in_slots(&filter, &limits, config.max_agents, ctx.host())?;
                 let Some(job) = sc.job else { break };
                 let mut c = claim::started(w, job)?;
                 c.worktree = planned_worktree(ctx, &c);
@@ -133,7 +133,7 @@ pub fn dispatch(ctx: &Ctx, req: &DispatchRequest) -> Result<DispatchResult> {
     } else {
         for _ in 0..max_claims {
             let claimed = ctx.store.write(|w| {
-                let sc = w.claim_in_slots(&filter, &limits, config.max_agents)?;
+                let sc = w.claim_in_slots(&filter, &limits, config.max_agents, ctx.host())?;
                 sc.job.map(|job| claim::started(w, job)).transpose()
             })?;
             let Some(mut c) = claimed else { break };
@@ -153,7 +153,7 @@ pub fn dispatch(ctx: &Ctx, req: &DispatchRequest) -> Result<DispatchResult> {
     let launched_any = !launched.is_empty() && !req.dry_run;
     let (running, mut waiting) = ctx.store.read(|r| {
         let running = if launched_any {
-            r.running_by_agent()?
+            r.running_by_agent(Some(ctx.host()))?
         } else {
             before.clone()
         };

@@ -77,24 +77,20 @@ pub fn config_err(message: impl Into<String>) -> anyhow::Error {
     Coded::new(ExitKind::Config, message).into()
 }
 
-/// Walks the cause chain: the first [`Coded`] decides; a busy or locked SQLite database
-/// (the busy timeout already expired) is temporary.
+/// Walks the cause chain: the first [`Coded`] decides; then a store failure that carries a
+/// code (a database busy past its timeout, a conflict: temporary; a schema newer than this
+/// binary: configuration) — the store attaches it, whatever its backend.
 pub fn exit_kind(err: &anyhow::Error) -> ExitKind {
     for cause in err.chain() {
         if let Some(coded) = cause.downcast_ref::<Coded>() {
             return coded.kind;
         }
-        if let Some(rusqlite::Error::SqliteFailure(e, _)) = cause.downcast_ref::<rusqlite::Error>()
-        {
-            if matches!(
-                e.code,
-                rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked
-            ) {
-                return ExitKind::TempFail;
-            }
-        }
     }
-    ExitKind::Failure
+    match crate::store::Error::of(err) {
+        Some(crate::store::Error::Busy | crate::store::Error::Conflict) => ExitKind::TempFail,
+        Some(crate::store::Error::NewerSchema { .. }) => ExitKind::Config,
+        None => ExitKind::Failure,
+    }
 }
 
 /// The hint of the first [`Coded`] in the chain, or a generic one for a busy database.

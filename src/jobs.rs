@@ -369,7 +369,7 @@ pub fn reap(ctx: &Ctx, opts: ReapOptions) -> Result<ReapReport> {
     } else {
         ctx.store.write(|w| {
             let mut out = Vec::new();
-            for (job, reason) in dead {
+            for (job, reason) in dead.iter().cloned() {
                 let action = reap_unknown_outcome(w, &job, &reason)?;
                 let applied = match job.task_id {
                     Some(t) => stop::apply_deferred_tx(w, &ctx.config, t)?,

@@ -44,6 +44,8 @@ pub use store::Store;
 pub struct Ctx {
     pub store: Store,
     pub config: Config,
+    /// Where the store lives (a run's supervisor opens the same).
+    pub target: DbTarget,
 }
 
 /// Where the state lives: an SQLite file (SPEC §2) or a PostgreSQL database shared by
@@ -66,6 +68,11 @@ impl std::fmt::Debug for DbTarget {
 }
 
 impl Ctx {
+    /// This host's id (`ORCH_HOST_ID`, else the hostname).
+    pub fn host(&self) -> &str {
+        &self.config.host_id
+    }
+
     /// Opens (and migrates) the SQLite database at `db` with `config`.
     pub fn open(db: &Path, config: Config) -> Result<Ctx> {
         Ctx::open_target(&DbTarget::Sqlite(db.to_path_buf()), config)
@@ -77,7 +84,11 @@ impl Ctx {
             DbTarget::Sqlite(db) => Store::open(db, config.busy_timeout_ms)?,
             DbTarget::Postgres(_) => anyhow::bail!("the PostgreSQL backend is not built yet"),
         };
-        Ok(Ctx { store, config })
+        Ok(Ctx {
+            store,
+            config,
+            target: target.clone(),
+        })
     }
 }
 

@@ -14,7 +14,7 @@ use orchctl::error::{self, ExitKind};
 use orchctl::pipeline::Trigger;
 use orchctl::{
     claim, deploy, dispatch, event, jobs, metrics, prune, queue, reconcile, render, stop, tasks,
-    transitions, Config, Ctx,
+    transitions, Config, Ctx, DbTarget,
 };
 
 /// What a successful command hands back to be printed.
@@ -235,15 +235,18 @@ fn emit(output: Output, format: Format, width: Option<usize>) -> ExitCode {
 /// `Ok(None)` means "nothing to claim" (exit 3).
 fn run(cli: Cli, environment: &Environment) -> Result<Option<Output>> {
     let config = Config::from_environment(environment)?;
-    let db = cli.db.unwrap_or_else(orchctl::default_db_path);
-    let ctx = match Ctx::open(&db, config.clone()) {
+    let target = match cli.db_url.filter(|u| !u.trim().is_empty()) {
+        Some(url) => DbTarget::Postgres(url),
+        None => DbTarget::Sqlite(cli.db.unwrap_or_else(orchctl::default_db_path)),
+    };
+    let ctx = match Ctx::open_target(&target, config.clone()) {
         Ok(ctx) => ctx,
         // SPEC §8: queue always prints and exits 0 — dashboards poll it — also when the
         // database cannot be opened as usual (a full disk refuses the -wal/-shm files
         // SQLite creates at open). A database newer than this binary stays exit 78.
         Err(e) => match &cli.command {
             Command::Queue(q) if error::exit_kind(&e) != ExitKind::Config => {
-                let (json, warning) = queue::snapshot_despite(&db, &config, q.recent, &e);
+                let (json, warning) = queue::snapshot_despite(&target, &config, q.recent, &e);
                 let mut o = laid_out(&json, render::queue)?;
                 o.warning = Some(warning);
                 return Ok(Some(o));
@@ -252,10 +255,10 @@ fn run(cli: Cli, environment: &Environment) -> Result<Option<Output>> {
         },
     };
     if ctx.store.created() {
-        // A mistyped ORCH_DB_PATH must not go unnoticed as an empty pipeline.
+        // A mistyped ORCH_DB_PATH (or URL) must not go unnoticed as an empty pipeline.
         eprintln!(
             "orchctl: created a new database at {}",
-            scrub_env(&ctx.store.path().display().to_string())
+            scrub_env(&ctx.store.describe())
         );
     }
     let output = match cli.command {
@@ -266,8 +269,8 @@ fn run(cli: Cli, environment: &Environment) -> Result<Option<Output>> {
                 &json!({
                     "ok": true,
                     "from": ctx.store.opened_version(),
-                    "to": ctx.store.user_version()?,
-                    "db": ctx.store.path(),
+                    "to": ctx.store.schema_version()?,
+                    "db": ctx.store.describe(),
                 }),
                 render::migrate,
             )?

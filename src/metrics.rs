@@ -98,7 +98,7 @@ pub fn collect(ctx: &Ctx) -> Result<Metrics> {
                     .oldest_queued_job_age_secs()?
                     .unwrap_or(0.0)
                     .max(0.0),
-                agents_running: with_zeros(&AGENTS, r.running_by_agent()?),
+                agents_running: with_zeros(&AGENTS, r.running_by_agent(None)?),
             })
         })
         .context("reading the metrics")

@@ -79,6 +79,22 @@ pub struct Job {
     pub claimed_at: Option<String>,
     pub finished_at: Option<String>,
     pub error: Option<String>,
+    /// The host whose orchctl claimed the run (SPEC §12): only it ever signals `pid`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+    /// The boot of that host the run was launched in (`/proc/sys/kernel/random/boot_id`):
+    /// a pid of another boot is dead whatever runs under that number now.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub boot_id: Option<String>,
+}
+
+impl Job {
+    /// Whether this job's process, if any, is one that orchctl on `host` may judge and
+    /// signal: launched there (a row with no host was written by another tool on this
+    /// machine, as the seed's tests do).
+    pub fn runs_on(&self, host: &str) -> bool {
+        self.host.as_deref().is_none_or(|h| h == host)
+    }
 }
 
 pub const JOB_TERMINAL: [&str; 3] = ["done", "failed", "cancelled"];
@@ -118,4 +134,38 @@ pub struct OutboxRow {
     pub claimed_start: Option<i64>,
     #[serde(skip)]
     pub claimed_until: Option<String>,
+    /// The host that claimed the row for execution (with `claimed_pid`/`claimed_start`).
+    #[serde(skip)]
+    pub claimed_host: Option<String>,
+    /// The only host that can carry the effect out (an agent's kill, a worktree's
+    /// removal); `None`: any host.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+}
+
+impl OutboxRow {
+    /// Who holds the row's execution claim, if anyone.
+    pub fn owner(&self) -> crate::store::EffectOwner {
+        crate::store::EffectOwner {
+            host: self.claimed_host.clone(),
+            pid: self.claimed_pid,
+            start: self.claimed_start,
+        }
+    }
+}
+
+/// A host running orchctl against a shared database (SPEC §12), as `queue` shows it.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Host {
+    pub id: String,
+    pub last_seen_at: Option<String>,
+    /// Seen within `ORCH_HOST_DEAD_SECS`, and not judged dead since.
+    pub alive: bool,
+    /// Its running jobs.
+    pub running: i64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub boot_id: Option<String>,
+    /// When another host's `reconcile` judged it dead.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dead_since: Option<String>,
 }

@@ -21,7 +21,7 @@ use crate::integrations::git::{self, GitClone};
 use crate::integrations::{gitea, notify, plane, process, EffectError};
 use crate::model::OutboxRow;
 use crate::names;
-use crate::store::{EffectEnd, Writer};
+use crate::store::{EffectEnd, EffectOwner, Writer};
 use crate::Ctx;
 
 /// One external step.
@@ -97,10 +97,21 @@ impl Effect {
     }
 }
 
-/// Writes an effect row inside the caller's transaction.
+/// Writes an effect row inside the caller's transaction; any host may carry it out.
 pub fn enqueue(w: &Writer, task_id: Option<i64>, effect: &Effect) -> Result<i64> {
+    enqueue_on(w, task_id, effect, None)
+}
+
+/// Writes an effect row that only `host` can carry out (an agent's kill, a worktree's
+/// removal: SPEC §12), or any host when `None`.
+pub fn enqueue_on(
+    w: &Writer,
+    task_id: Option<i64>,
+    effect: &Effect,
+    host: Option<&str>,
+) -> Result<i64> {
     let (kind, payload) = effect.split();
-    w.enqueue_effect(task_id, &kind, &payload)
+    w.enqueue_effect(task_id, &kind, &payload, host)
 }
 
 /// Writes the notification effects of an event: a Plane comment and, when configured,
@@ -145,8 +156,12 @@ pub fn enqueue_notification(
 pub struct EffectReport {
     pub id: i64,
     pub kind: String,
-    /// `done`, `pending` (will be retried), `failed`, or `busy` (another process runs it).
+    /// `done`, `pending` (will be retried, or waits for its host), `failed`, or `busy`
+    /// (another process runs it).
     pub status: String,
+    /// The host the effect is bound to, when it is another one: that host carries it out.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub result: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -156,6 +171,11 @@ pub struct EffectReport {
 }
 
 impl EffectReport {
+    /// True for a `stop_process` left to the host that launched the agent.
+    pub fn left_to_another_host(&self) -> bool {
+        self.kind == "stop_process" && self.host.is_some() && self.status == "pending"
+    }
+
     /// True for a `stop_process` that actually stopped a running agent.
     pub fn stopped_an_agent(&self) -> bool {
         self.kind == "stop_process"
@@ -175,6 +195,35 @@ pub fn run_for_task(ctx: &Ctx, task_id: i64) -> Result<Vec<EffectReport>> {
     run_rows(ctx, &rows)
 }
 
+/// Runs the pending effects bound to this host (the kills and worktree removals that other
+/// hosts' STOPs left to it, SPEC §12), then what their tasks had waiting behind them (the
+/// remote branch deletion, the notifications). `dispatch`, `reap` and `stop` run it, so a
+/// cross-host STOP's kill happens within one timer interval of the agent's host. Costs one
+/// index probe when there is nothing.
+pub fn run_host_effects(ctx: &Ctx) -> Result<OutboxPass> {
+    let rows = ctx.store.read(|r| r.due_effects_of_host(ctx.host(), 100))?;
+    let mut pass = OutboxPass::default();
+    if rows.is_empty() {
+        return Ok(pass);
+    }
+    let mut tasks: Vec<i64> = rows.iter().filter_map(|r| r.task_id).collect();
+    let mut reports = run_rows(ctx, &rows)?;
+    tasks.sort_unstable();
+    tasks.dedup();
+    for t in tasks {
+        reports.extend(run_for_task(ctx, t)?);
+    }
+    for report in reports {
+        match report.status.as_str() {
+            "done" => pass.done += 1,
+            "pending" => pass.pending += 1,
+            "failed" => pass.failed += 1,
+            _ => pass.busy += 1,
+        }
+    }
+    Ok(pass)
+}
+
 /// Counts of one outbox pass.
 #[derive(Debug, Clone, Default, Serialize, PartialEq)]
 pub struct OutboxPass {
@@ -184,9 +233,10 @@ pub struct OutboxPass {
     pub busy: usize,
 }
 
-/// Runs the pending effects whose retry time has come (reconcile).
+/// Runs the pending effects whose retry time has come that this host may run: the
+/// unbound ones and those bound to it (reconcile).
 pub fn run_due(ctx: &Ctx) -> Result<OutboxPass> {
-    let rows = ctx.store.read(|r| r.due_effects(500))?;
+    let rows = ctx.store.read(|r| r.due_effects(ctx.host(), 500))?;
     let mut pass = OutboxPass::default();
     for report in run_rows(ctx, &rows)? {
         match report.status.as_str() {
@@ -221,7 +271,7 @@ impl Ending<'_> {
         }
     }
 
-    fn write(&self, w: &Writer, me: (i64, i64)) -> Result<()> {
+    fn write(&self, w: &Writer, me: &EffectOwner) -> Result<()> {
         for (kind, detail) in &self.notes {
             let mut detail = detail.clone();
             detail["outbox_id"] = json!(self.row.id);
@@ -249,7 +299,12 @@ impl Ending<'_> {
 /// delete the branch while the first is still waiting for the agent to die, and the agent
 /// could push it again.
 pub fn run_rows(ctx: &Ctx, rows: &[OutboxRow]) -> Result<Vec<EffectReport>> {
-    let me = process::self_identity();
+    let (pid, start) = process::self_identity();
+    let me = EffectOwner {
+        host: Some(ctx.host().to_string()),
+        pid: Some(pid),
+        start: Some(start),
+    };
     let lease = lease_secs(&ctx.config);
     let mut out = Vec::with_capacity(rows.len());
     let mut held_elsewhere: HashSet<i64> = HashSet::new();
@@ -259,27 +314,48 @@ pub fn run_rows(ctx: &Ctx, rows: &[OutboxRow]) -> Result<Vec<EffectReport>> {
             out.push(report(row, "busy", None, None, None));
             continue;
         }
+        // Bound to another host (an agent it launched, a worktree it holds): that host's
+        // next dispatch, reap, reconcile or stop carries it out (SPEC §12).
+        if let Some(h) = row.host.as_deref().filter(|h| *h != ctx.host()) {
+            let why = format!("left to host {h}, which launched the agent or holds the worktree");
+            let mut r = report(row, "pending", None, Some(why), None);
+            r.host = Some(h.to_string());
+            out.push(r);
+            continue;
+        }
         let mut busy = |row: &OutboxRow, out: &mut Vec<EffectReport>| {
             if let Some(t) = row.task_id {
                 held_elsewhere.insert(t);
             }
             out.push(report(row, "busy", None, None, None));
         };
-        let observed = (row.claimed_pid, row.claimed_start);
-        if let (Some(pid), Some(start)) = observed {
-            if process::liveness(pid, Some(start)) == process::Liveness::Alive && pid != me.0 {
-                busy(row, &mut out);
-                continue;
+        // A claim by a live process of this host is its; a dead one's is taken over. A
+        // process of another host cannot be looked at from here: its claim is taken over
+        // only once its lease has run out (`observed` then matches nothing, and the store's
+        // guard lets an expired claim go).
+        let held = row.owner();
+        let observed = match (&held.host, held.pid, held.start) {
+            (Some(h), _, _) if h != ctx.host() => EffectOwner::default(),
+            (_, Some(pid), Some(start)) => {
+                if process::liveness(pid, Some(start)) == process::Liveness::Alive
+                    && Some(pid) != me.pid
+                {
+                    busy(row, &mut out);
+                    continue;
+                }
+                held
             }
-        }
+            _ => held,
+        };
         if row.attempts >= ctx.config.outbox_max_attempts {
             let error = row
                 .last_error
                 .clone()
                 .unwrap_or_else(|| "attempts exhausted".into());
+            let prev = ending.take();
             ctx.store.write(|w| {
-                if let Some(e) = ending.take() {
-                    e.write(w, me)?;
+                if let Some(e) = &prev {
+                    e.write(w, &me)?;
                 }
                 if w.fail_effect(row.id, &error)? {
                     log_end(w, row, "failed", None, Some(&error), row.attempts)?;
@@ -289,18 +365,20 @@ pub fn run_rows(ctx: &Ctx, rows: &[OutboxRow]) -> Result<Vec<EffectReport>> {
             out.push(report(row, "failed", None, Some(error), None));
             continue;
         }
+        let prev = ending.take();
         let claim = ctx.store.write(|w| {
-            if let Some(e) = ending.take() {
-                e.write(w, me)?;
+            if let Some(e) = &prev {
+                e.write(w, &me)?;
             }
-            // The agent first: while stopping it waits for a retry, its worktree and branch
-            // stay, or it could recreate or push them. A refused stop (failed) lets them go.
-            if let (Some(t), true) = (row.task_id, touches_the_branch(&row.kind)) {
+            // The agent first: while stopping it waits for a retry (or for the host that
+            // launched it), its worktree and branch stay, or it could recreate or push
+            // them, and nobody is told it stopped. A refused stop (failed) lets them go.
+            if let (Some(t), true) = (row.task_id, waits_for_the_agent(&row.kind)) {
                 if w.pending_effect_before(t, "stop_process", row.id)? {
                     return Ok(Claim::WaitingForAgent);
                 }
             }
-            Ok(if w.claim_effect(row.id, observed, me, lease)? {
+            Ok(if w.claim_effect(row.id, &observed, &me, lease)? {
                 Claim::Claimed
             } else {
                 Claim::Busy
@@ -345,7 +423,7 @@ pub fn run_rows(ctx: &Ctx, rows: &[OutboxRow]) -> Result<Vec<EffectReport>> {
         ending = Some(e);
     }
     if let Some(e) = ending {
-        ctx.store.write(|w| e.write(w, me))?;
+        ctx.store.write(|w| e.write(w, &me))?;
     }
     Ok(out)
 }
@@ -356,9 +434,13 @@ enum Claim {
     WaitingForAgent,
 }
 
-/// Effects that act on the task's worktree or branch, which a live agent still uses.
-fn touches_the_branch(kind: &str) -> bool {
-    matches!(kind, "remove_worktree" | "delete_remote_branch")
+/// Effects that come after the task's agents are stopped: those that act on its worktree
+/// or branch, which a live agent still uses, and the notifications that say it stopped.
+fn waits_for_the_agent(kind: &str) -> bool {
+    matches!(
+        kind,
+        "remove_worktree" | "delete_remote_branch" | "plane_comment" | "notify"
+    )
 }
 
 fn report(
@@ -372,6 +454,7 @@ fn report(
         id: row.id,
         kind: row.kind.clone(),
         status: status.into(),
+        host: None,
         result,
         error,
         detail,

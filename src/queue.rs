@@ -10,15 +10,14 @@
 //! the outbox's), so the cost grows neither with the history nor with the live set.
 //! Read-only: it never writes, and it never fails as a whole.
 
-use std::path::Path;
-
 use anyhow::Result;
 use serde_json::{json, Map, Value};
 
 use crate::config::Config;
 use crate::pipeline::Awaiting;
+use crate::store::sqlite::SqliteStore;
 use crate::store::{AwaitingCounts, Reader, Store};
-use crate::Ctx;
+use crate::{Ctx, DbTarget};
 
 const JOB_STATUSES: [&str; 5] = ["queued", "running", "done", "failed", "cancelled"];
 
@@ -181,16 +180,22 @@ pub fn snapshot(ctx: &Ctx, recent: i64) -> Value {
 /// database file alone when that is the whole committed state, else every block in its
 /// minimal form with the error. Returns the snapshot and a warning for stderr.
 pub fn snapshot_despite(
-    db: &Path,
+    target: &DbTarget,
     config: &Config,
     recent: i64,
     why: &anyhow::Error,
 ) -> (Value, String) {
-    match Store::open_immutable(db) {
-        Ok(store) => {
+    // A PostgreSQL server that cannot be reached has no file to read instead.
+    let immutable = match target {
+        DbTarget::Sqlite(db) => SqliteStore::open_immutable(db).map(|s| (Store::Sqlite(s), db)),
+        DbTarget::Postgres(_) => Err(anyhow::anyhow!("no file to read without the server")),
+    };
+    match immutable {
+        Ok((store, db)) => {
             let ctx = Ctx {
                 store,
                 config: config.clone(),
+                target: target.clone(),
             };
             let warning = format!(
                 "the database could not be opened for writing ({why:#}); this snapshot was read from {} alone, which holds every committed change",
@@ -200,11 +205,12 @@ pub fn snapshot_despite(
         }
         Err(e) => {
             let error = format!("{why:#}; reading it without new files: {e:#}");
-            let mut out = match Store::open_empty() {
+            let mut out = match SqliteStore::open_empty() {
                 Ok(store) => snapshot(
                     &Ctx {
-                        store,
+                        store: Store::Sqlite(store),
                         config: config.clone(),
+                        target: target.clone(),
                     },
                     recent,
                 ),

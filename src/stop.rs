@@ -199,7 +199,7 @@ pub fn cancel_task_if(
     ctx: &Ctx,
     task_id: i64,
     opts: &StopOptions,
-    first: impl FnOnce(&Writer) -> Result<bool>,
+    mut first: impl FnMut(&Writer) -> Result<bool>,
 ) -> Result<Option<StopResult>> {
     let decision = ctx.store.write(|w| {
         if !first(w)? {

@@ -45,8 +45,9 @@ pub const ARG: &str = "__supervise";
 /// Everything the supervisor needs to know about its run.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct RunSpec {
-    /// The database, absolute.
-    pub db: PathBuf,
+    /// The SQLite database, absolute; `None` on PostgreSQL, whose URL the supervisor gets
+    /// in its environment (`ORCH_DB_URL`: it may hold a password, never an argument).
+    pub db: Option<PathBuf>,
     pub job_id: i64,
     pub run_id: i64,
     pub task_id: Option<i64>,
@@ -75,7 +76,10 @@ impl RunSpec {
             ("ORCH_AGENT".into(), self.agent.clone()),
             (
                 "ORCH_DB_PATH".into(),
-                self.db.to_string_lossy().into_owned(),
+                self.db
+                    .as_ref()
+                    .map(|d| d.to_string_lossy().into_owned())
+                    .unwrap_or_default(),
             ),
             (
                 "ORCH_WORKTREE".into(),
@@ -368,7 +372,13 @@ pub fn outcome_of(status: std::process::ExitStatus) -> RunOutcome {
 /// Records `outcome` as the run's through `complete` (its guards: a run that is no longer
 /// running is left as it is). Returns the open database for the dispatch pass.
 fn record(spec: &RunSpec, config: &Config, log: &Log, outcome: &RunOutcome) -> Option<Ctx> {
-    let ctx = match Ctx::open(&spec.db, config.clone()) {
+    let target = match &spec.db {
+        Some(path) => Ok(crate::DbTarget::Sqlite(path.clone())),
+        None => std::env::var("ORCH_DB_URL")
+            .map(crate::DbTarget::Postgres)
+            .map_err(|_| anyhow::anyhow!("ORCH_DB_URL is not in the supervisor's environment")),
+    };
+    let ctx = match target.and_then(|t| Ctx::open_target(&t, config.clone())) {
         Ok(c) => c,
         Err(e) => {
             say(

@@ -35,10 +35,8 @@ pub struct Added {
 
 /// Inserts a task and the first job of its stage; used by `task add` and by Plane intake.
 pub fn insert_with_job(w: &Writer, new: &NewTask, source: &str) -> Result<(i64, Option<i64>)> {
-    let id = match w.insert_task(new) {
-        Ok(id) => id,
-        Err(e) if is_unique_violation(&e) => return Err(duplicate(w, new)),
-        Err(e) => return Err(e),
+    let Some(id) = w.insert_task(new)? else {
+        return Err(duplicate(w, new));
     };
     w.event(
         Some(id),
@@ -60,18 +58,7 @@ pub fn insert_with_job(w: &Writer, new: &NewTask, source: &str) -> Result<(i64, 
     Ok((id, job))
 }
 
-fn is_unique_violation(e: &anyhow::Error) -> bool {
-    e.chain().any(|c| {
-        matches!(
-            c.downcast_ref::<rusqlite::Error>(),
-            Some(rusqlite::Error::SqliteFailure(f, _))
-                if f.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_UNIQUE
-        )
-    })
-}
-
-/// Exit 65 naming the task that already holds `new`'s work item id or Plane id (the failed
-/// INSERT ended only its own statement: the transaction can still read).
+/// Exit 65 naming the task that already holds `new`'s work item id or Plane id.
 fn duplicate(w: &Writer, new: &NewTask) -> anyhow::Error {
     let holder = w
         .task_holding_keys(new.work_item_id.as_deref(), new.plane_id.as_deref())

@@ -222,10 +222,13 @@ fn the_waiting_count_is_what_claim_could_take() {
         while ctx
             .store
             .write(|w| {
-                w.claim_next_job(&orchctl::store::ClaimFilter {
-                    agents: vec![agent.into()],
-                    ..filter.clone()
-                })
+                w.claim_next_job(
+                    &orchctl::store::ClaimFilter {
+                        agents: vec![agent.into()],
+                        ..filter.clone()
+                    },
+                    "this-host",
+                )
             })
             .unwrap()
             .is_some()

@@ -18,6 +18,16 @@ use orchctl::{metrics, prune, queue, reconcile, Ctx};
 
 use crate::common::Env;
 
+/// A recorded launch on this machine (pid, start time).
+fn launch(pid: i64, proc_start: i64) -> orchctl::store::Launch {
+    orchctl::store::Launch {
+        pid,
+        proc_start,
+        host: "this-host".into(),
+        boot_id: None,
+    }
+}
+
 /// Tables that grow with history.
 const HISTORY: [&str; 6] = [
     "jobs",
@@ -128,7 +138,7 @@ fn full_scans(ctx: &Ctx, sql: &str) -> Vec<String> {
         return Vec::new();
     }
     let names = aliases(sql);
-    let plan = ctx.store.explain(sql).unwrap();
+    let plan = ctx.store.sqlite().unwrap().explain(sql).unwrap();
     let mut out = Vec::new();
     let flat = one_line(sql);
     for line in &plan {
@@ -181,7 +191,7 @@ fn full_scans(ctx: &Ctx, sql: &str) -> Vec<String> {
 
 /// Every statement `ctx` ran, checked; returns them for the callers' own assertions.
 fn check_plans(command: &str, ctx: &Ctx) -> Vec<String> {
-    let statements = ctx.store.prepared_sql();
+    let statements = ctx.store.sqlite().unwrap().prepared_sql();
     let mut bad = Vec::new();
     for sql in &statements {
         for scan in full_scans(ctx, sql) {
@@ -204,6 +214,8 @@ fn ctx(env: &Env) -> Ctx {
     let ctx = env.ctx();
     // Every statement of the command stays cached, so none escapes the check.
     ctx.store
+        .sqlite()
+        .unwrap()
         .connection()
         .set_prepared_statement_cache_capacity(1000);
     ctx
@@ -331,7 +343,7 @@ fn stop_never_scans_history() {
     let c = env.ctx();
     let running = claim::claim(&c, &ClaimRequest::default()).unwrap().unwrap();
     c.store
-        .write(|w| w.record_launch(running.id, running.run_id, 999_999, 1))
+        .write(|w| w.record_launch(running.id, running.run_id, &launch(999_999, 1)))
         .unwrap();
     drop(c);
     let critical = env.make_task("PL-9", "ORCH-9", "deploy", None);
@@ -364,13 +376,13 @@ fn reap_never_scans_history() {
     // A dead agent, a run without a pid (judged by age), and a run of a cancelled task.
     let dead = claim::claim(&c, &ClaimRequest::default()).unwrap().unwrap();
     c.store
-        .write(|w| w.record_launch(dead.id, dead.run_id, 999_999, 1))
+        .write(|w| w.record_launch(dead.id, dead.run_id, &launch(999_999, 1)))
         .unwrap();
     claim::claim(&c, &ClaimRequest::default()).unwrap().unwrap();
     let doomed = claim::claim(&c, &ClaimRequest::default()).unwrap().unwrap();
     c.store
         .write(|w| {
-            w.record_launch(doomed.id, doomed.run_id, 999_998, 1)?;
+            w.record_launch(doomed.id, doomed.run_id, &launch(999_998, 1))?;
             w.mark_task_cancelled(doomed.task_id.unwrap(), "test")
         })
         .unwrap();
@@ -547,7 +559,7 @@ fn each_live_set_is_read_through_its_own_index() {
             .collect();
         assert!(!users.is_empty(), "no statement reads {fragment}: {sql:#?}");
         for s in users {
-            let plan = ctx.store.explain(s).unwrap();
+            let plan = ctx.store.sqlite().unwrap().explain(s).unwrap();
             assert!(
                 plan.iter()
                     .any(|l| l.split_whitespace().any(|w| w == index)),
@@ -561,7 +573,7 @@ fn each_live_set_is_read_through_its_own_index() {
     assert!(
         !full_scans(&ctx, guess).is_empty(),
         "{:?}",
-        ctx.store.explain(guess)
+        ctx.store.sqlite().unwrap().explain(guess)
     );
     let _ = deploy;
 }
@@ -575,7 +587,7 @@ fn plans_of(ctx: &Ctx, statements: &[String], fragment: &str) -> Vec<String> {
     );
     found
         .into_iter()
-        .flat_map(|s| ctx.store.explain(s).unwrap())
+        .flat_map(|s| ctx.store.sqlite().unwrap().explain(s).unwrap())
         .collect()
 }
 
@@ -602,7 +614,7 @@ fn metrics_never_scans_history_and_each_read_has_its_index() {
             "jobs_status_id",
         ),
         (
-            "FROM jobs WHERE status = 'running' GROUP BY agent",
+            "FROM jobs WHERE status = 'running' AND (?1 IS NULL OR host = ?1 OR host IS NULL) GROUP BY agent",
             "jobs_status_id",
         ),
         ("FROM merge_leases", "merge_leases"),
@@ -699,7 +711,7 @@ fn dispatch_never_scans_history_and_walks_the_claimable_jobs() {
         ("INDEXED BY jobs_claimable_agent", "jobs_claimable_agent"),
         ("INDEXED BY jobs_claimable LEFT", "jobs_claimable"),
         (
-            "FROM jobs WHERE status = 'running' GROUP BY agent",
+            "FROM jobs WHERE status = 'running' AND (?1 IS NULL OR host = ?1 OR host IS NULL) GROUP BY agent",
             "jobs_status_id",
         ),
     ] {

@@ -728,7 +728,18 @@ fn reap_never_requeues_a_run_whose_agent_was_recorded_after_it_judged_the_run() 
     let agent = Agent::spawn("sleep 60");
     assert!(ctx
         .store
-        .write(|w| w.record_launch(job_id, run_id, agent.pid, agent.start))
+        .write(|w| {
+            w.record_launch(
+                job_id,
+                run_id,
+                &orchctl::store::Launch {
+                    pid: agent.pid,
+                    proc_start: agent.start,
+                    host: env.config().host_id,
+                    boot_id: None,
+                },
+            )
+        })
         .unwrap());
 
     let action = ctx

@@ -496,7 +496,7 @@ fn queue_reads_a_bounded_number_of_pages_on_a_long_history() {
         .unwrap();
 
     let ctx = env.ctx();
-    let conn = ctx.store.connection();
+    let conn = ctx.store.sqlite().unwrap().connection();
     let before = pages_read(conn);
     let snap = orchctl::queue::snapshot(&ctx, 10);
     let snapshot_pages = pages_read(conn) - before;
@@ -507,7 +507,7 @@ fn queue_reads_a_bounded_number_of_pages_on_a_long_history() {
     // The yardstick: one scan of the job history on a cold connection.
     drop(ctx);
     let ctx = env.ctx();
-    let conn = ctx.store.connection();
+    let conn = ctx.store.sqlite().unwrap().connection();
     let before = pages_read(conn);
     let n: i64 = conn
         .query_row(

@@ -290,7 +290,7 @@ fn a_switch_variable_that_is_no_boolean_is_exit_78_and_changes_nothing() {
     let before = snapshot(&env);
     for (path, var, positionals) in &switches {
         let mut args: Vec<&str> = path.iter().map(String::as_str).collect();
-        args.extend(std::iter::repeat("DEMO-1").take(*positionals));
+        args.extend(std::iter::repeat_n("DEMO-1", *positionals));
         for value in [
             "maybe",
             "offf",

@@ -341,20 +341,22 @@ fn record_only(
     Ok(out)
 }
 
-/// Runs `decide` and records the delivery in one transaction (a concurrent copy of the
+/// Records the delivery and runs `decide` in one transaction (a concurrent copy of the
 /// same body finds it recorded and is a duplicate), then runs the task's side effects.
 fn apply(
     ctx: &Ctx,
     meta: &Meta,
     mut out: EventResult,
-    decide: impl FnOnce(&Writer) -> Result<Outcome>,
+    mut decide: impl FnMut(&Writer) -> Result<Outcome>,
 ) -> Result<EventResult> {
     let outcome = ctx.store.write(|w| {
-        if w.delivery_seen(&meta.sha)? {
+        // Recorded first: of two concurrent copies of one body, the second waits for the
+        // first's record and is a duplicate, whatever the backend.
+        if !meta.record(w, EventAction::Ignored, None)? {
             return Ok(None);
         }
         let o = decide(w)?;
-        meta.record(w, o.action, o.task_id)?;
+        w.set_delivery_outcome(&meta.sha, o.action.as_str(), o.task_id)?;
         Ok(Some(o))
     })?;
     let Some(o) = outcome else {

@@ -82,6 +82,19 @@ pub fn self_identity() -> (i64, i64) {
     (pid, stat(pid).map(|s| s.start).unwrap_or(0))
 }
 
+/// This machine's boot (`/proc/sys/kernel/random/boot_id`): a pid recorded in another boot
+/// names nothing that still runs, whatever holds that number now.
+pub fn boot_id() -> Option<String> {
+    static BOOT: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    BOOT.get_or_init(|| {
+        std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+            .ok()
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty())
+    })
+    .clone()
+}
+
 /// Whether this process runs inside the session that `leader` leads: a run's agent (and
 /// whatever it started without a session of its own) is inside its supervisor's.
 pub fn inside_session_of(leader: i64) -> bool {
@@ -459,12 +472,14 @@ pub fn spawn_detached(argv: &[String], env: &[(String, String)], log: &Path) -> 
 pub fn spawn_supervisor(
     program: &Path,
     args: &[OsString],
+    env: &[(&str, &str)],
     gate: std::os::fd::OwnedFd,
     log: File,
 ) -> Result<(i64, i64)> {
     let err = log.try_clone()?;
     let mut cmd = Command::new(program);
     cmd.args(args)
+        .envs(env.iter().copied())
         .stdin(Stdio::from(gate))
         .stdout(log)
         .stderr(err);

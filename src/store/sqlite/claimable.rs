@@ -19,7 +19,8 @@
 use anyhow::{Context, Result};
 use rusqlite::{params, Connection, OptionalExtension, ToSql};
 
-use super::{ClaimFilter, Reader, Writer};
+use super::SqliteTx;
+use crate::store::ClaimFilter;
 
 /// Migration 7: `jobs.held`, its two partial indexes, and the jobs held as of now.
 pub(super) fn m7_claimable(conn: &Connection) -> Result<()> {
@@ -42,7 +43,7 @@ pub(super) fn m7_claimable(conn: &Connection) -> Result<()> {
 
 /// The eligibility rules of a claim after `FROM jobs j LEFT JOIN tasks t`, and their
 /// arguments (the agent, when one is given, first).
-fn rules(f: &ClaimFilter, agent: Option<&str>) -> String {
+pub(super) fn rules(f: &ClaimFilter, agent: Option<&str>) -> String {
     let mut sql = String::from(
         " AND (j.task_id IS NULL OR (t.stage NOT IN ('done', 'cancelled')
                                     AND t.cancel_requested_at IS NULL))",
@@ -73,7 +74,7 @@ fn rules(f: &ClaimFilter, agent: Option<&str>) -> String {
 }
 
 /// The walk over queued jobs a claim makes, for one agent or all.
-fn walk(f: &ClaimFilter, agent: Option<&str>) -> &'static str {
+pub(super) fn walk(f: &ClaimFilter, agent: Option<&str>) -> &'static str {
     match (f.task_deps, agent.is_some()) {
         (true, true) => {
             "FROM jobs j INDEXED BY jobs_claimable_agent LEFT JOIN tasks t ON t.id = j.task_id
@@ -88,7 +89,7 @@ fn walk(f: &ClaimFilter, agent: Option<&str>) -> &'static str {
     }
 }
 
-impl<'c> Reader<'c> {
+impl SqliteTx<'_> {
     /// The oldest job `f` lets a claim take, with its task's branch: one walk of the
     /// claimable jobs per agent asked for (each in id order, stopping at the first
     /// eligible one), or one walk of them all.
@@ -122,7 +123,7 @@ impl<'c> Reader<'c> {
                 .optional()
                 .context("choosing a job to claim")?;
             if let Some(job) = found {
-                if best.as_ref().map_or(true, |(id, _)| job.0 < *id) {
+                if best.as_ref().is_none_or(|(id, _)| job.0 < *id) {
                     best = Some(job);
                 }
             }
@@ -130,29 +131,6 @@ impl<'c> Reader<'c> {
         Ok(best)
     }
 
-    /// How many queued jobs of `agent` a claim could take now (the rules of
-    /// [`Writer::claim_next_job`]), counted up to `cap`: a walk of at most `cap` eligible
-    /// jobs (plus the few a pending STOP or the serial gate holds back).
-    pub fn count_eligible_queued(&self, f: &ClaimFilter, agent: &str, cap: i64) -> Result<i64> {
-        let limit = if f.repo.is_some() { "?3" } else { "?2" };
-        let sql = format!(
-            "SELECT count(*) FROM (SELECT 1 {}{} LIMIT {limit})",
-            walk(f, Some(agent)),
-            rules(f, Some(agent))
-        );
-        let mut args: Vec<&dyn ToSql> = vec![&agent];
-        if let Some(r) = &f.repo {
-            args.push(r);
-        }
-        args.push(&cap);
-        self.c
-            .prepare_cached(&sql)?
-            .query_row(args.as_slice(), |r| r.get(0))
-            .with_context(|| format!("counting the queued {agent} jobs"))
-    }
-}
-
-impl<'c> Writer<'c> {
     /// Marks the task's queued jobs held (its task waits on a dependency) or not, inside
     /// the caller's transaction (the settling of what tasks wait for).
     pub(super) fn hold_queued_jobs(&self, task_id: i64, held: bool) -> Result<()> {

@@ -12,12 +12,12 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use rusqlite::{Connection, OpenFlags};
 
-use super::Store;
+use super::SqliteStore;
 
-impl Store {
+impl SqliteStore {
     /// The database at `path`, read-only, from its main file alone; refused when its
     /// write-ahead log holds changes the file does not have yet.
-    pub fn open_immutable(path: &Path) -> Result<Store> {
+    pub fn open_immutable(path: &Path) -> Result<SqliteStore> {
         let wal = format!("{}-wal", path.display());
         if std::fs::metadata(&wal).is_ok_and(|m| m.len() > 0) {
             bail!(
@@ -32,7 +32,7 @@ impl Store {
                 | OpenFlags::SQLITE_OPEN_NO_MUTEX,
         )
         .with_context(|| format!("opening {} read-only", path.display()))?;
-        let mut store = Store {
+        let mut store = SqliteStore {
             conn,
             path: path.to_path_buf(),
             opened_version: 0,
@@ -47,8 +47,8 @@ impl Store {
 
     /// An empty database in memory with the current schema: every block of a snapshot
     /// read from it has its minimal form.
-    pub fn open_empty() -> Result<Store> {
-        let store = Store {
+    pub fn open_empty() -> Result<SqliteStore> {
+        let store = SqliteStore {
             conn: Connection::open_in_memory().context("opening an empty database")?,
             path: ":memory:".into(),
             opened_version: 0,

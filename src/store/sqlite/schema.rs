@@ -20,6 +20,7 @@ pub const MIGRATIONS: &[Migration] = &[
     m5_live_branches,
     m6_awaiting,
     super::claimable::m7_claimable,
+    m8_hosts,
 ];
 
 /// The schema version this binary writes.
@@ -404,5 +405,32 @@ fn m6_awaiting(conn: &Connection) -> Result<()> {
         dep_old = mark("OLD.task_id"),
     ))
     .context("creating what tasks wait for (task_waits)")?;
+    Ok(())
+}
+
+/// Hosts (SPEC §12): the host and boot a run was launched on, the host an effect is bound
+/// to (an agent's kill, a worktree's removal: only that machine can carry them out) and the
+/// host that claimed an effect for execution, and the hosts seen. `outbox_bound` holds the
+/// pending effects bound to a host, so a host finds its own in one probe however long the
+/// outbox grows.
+fn m8_hosts(conn: &Connection) -> Result<()> {
+    ensure_column(conn, "jobs", "host", "TEXT")?;
+    ensure_column(conn, "jobs", "boot_id", "TEXT")?;
+    ensure_column(conn, "outbox", "host", "TEXT")?;
+    ensure_column(conn, "outbox", "claimed_host", "TEXT")?;
+    conn.execute_batch(&format!(
+        "
+        CREATE TABLE IF NOT EXISTS hosts (
+            id TEXT PRIMARY KEY,
+            boot_id TEXT,
+            first_seen_at TEXT NOT NULL DEFAULT {NOW},
+            last_seen_at TEXT NOT NULL DEFAULT {NOW},
+            dead_since TEXT
+        );
+        CREATE INDEX IF NOT EXISTS outbox_bound ON outbox(host, id)
+            WHERE status = 'pending' AND host IS NOT NULL;
+        "
+    ))
+    .context("creating the hosts")?;
     Ok(())
 }

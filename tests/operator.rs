@@ -122,7 +122,69 @@ fn shape(env: &Env, task: i64) -> Value {
         "jobs": jobs_of(env, task),
         "holds_lease": lease,
         "awaiting": env.json(&["task", "show", &task.to_string()])["awaiting"],
+        "rows": rows_of(env, task),
     })
+}
+
+/// The task's row and its jobs' rows, every column: a key, id, title or time is kept as
+/// whether it is set (twins differ in those by construction), any other value as it is.
+/// "Equal task/job rows" is equal output of this. (What the task waits for, a cache the
+/// next write settles, is compared through `task show` above.)
+fn rows_of(env: &Env, task: i64) -> Vec<String> {
+    // Columns that name the row or the moment rather than what the move did.
+    const IDENTITY: &[&str] = &[
+        "id",
+        "task_id",
+        "plane_id",
+        "work_item_id",
+        "plane_issue_id",
+        "branch",
+        "title",
+        "created_at",
+        "updated_at",
+        "cancelled_at",
+        "cancel_requested_at",
+        "claimed_at",
+        "finished_at",
+        "pid",
+        "proc_start",
+        "run_id",
+    ];
+    let c = env.sql();
+    let mut out = Vec::new();
+    for (table, key) in [("tasks", "id"), ("jobs", "task_id")] {
+        let mut stmt = c
+            .prepare(&format!(
+                "SELECT * FROM {table} WHERE {key} = ?1 ORDER BY rowid"
+            ))
+            .unwrap();
+        let names: Vec<String> = stmt.column_names().iter().map(|n| n.to_string()).collect();
+        let rows = stmt
+            .query_map([task], |r| {
+                let mut cells = Vec::new();
+                for (i, name) in names.iter().enumerate() {
+                    let v = r.get_ref(i)?;
+                    let cell = if IDENTITY.contains(&name.as_str()) {
+                        format!("{name}={}", !matches!(v, ValueRef::Null))
+                    } else {
+                        match v {
+                            ValueRef::Null => format!("{name}=NULL"),
+                            ValueRef::Integer(x) => format!("{name}={x}"),
+                            ValueRef::Real(x) => format!("{name}={x}"),
+                            ValueRef::Text(t) => {
+                                format!("{name}={:?}", String::from_utf8_lossy(t))
+                            }
+                            ValueRef::Blob(b) => format!("{name}=x'{}'", hex::encode(b)),
+                        }
+                    };
+                    cells.push(cell);
+                }
+                Ok(format!("{table}: {}", cells.join(" ")))
+            })
+            .unwrap();
+        out.extend(rows.map(Result::unwrap));
+    }
+    out
 }
 
 fn deliver_signed(env: &Env, body: &[u8]) -> Value {
@@ -629,6 +691,20 @@ fn deploy_begin_on_a_task_in_analysis_is_refused_and_a_stop_is_then_a_full_reset
     }
     let err = refused(&env, &["deploy-begin", "1"]);
     assert!(err.contains("is cancelled"), "{err}");
+    let (done, _) = add(&env, &["--work-item", "ORCH-done", "--stage", "deploy"]);
+    env.sql()
+        .execute("UPDATE tasks SET stage = 'done' WHERE id = ?1", [done])
+        .unwrap();
+    let err = refused(&env, &["deploy-begin", "ORCH-done"]);
+    assert!(err.contains("is done"), "{err}");
+    // In deploy, but with a STOP pending: refused too, naming the stop, nothing changed.
+    let (pending, _) = add(&env, &["--work-item", "ORCH-pending", "--stage", "deploy"]);
+    env.ctx()
+        .store
+        .write(|w| w.set_cancel_requested(pending, "a stop"))
+        .unwrap();
+    let err = refused(&env, &["deploy-begin", "ORCH-pending"]);
+    assert!(err.contains("STOP pending"), "{err}");
 }
 
 #[test]

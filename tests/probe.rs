@@ -708,6 +708,30 @@ fn stale_ref_locks_are_recovered_and_logged_but_a_lock_a_live_process_holds_is_k
     env.json(&["reconcile"]);
     assert!(!held.exists());
     assert!(!repo.local_branches().contains("ORCH-2"));
+
+    // A lock no process holds but younger than ORCH_GIT_TIMEOUT_SECS may be a git that
+    // is starting: it is kept, and the removal waits.
+    repo.feature(&env, "feature/ORCH-3-z");
+    let young = gitdir.join("refs/heads/feature/ORCH-3-z.lock");
+    std::fs::File::create(&young).unwrap();
+    let third = add_task(&env, "ORCH-3", "feature/ORCH-3-z");
+    let res = env.json(&["stop", &third.to_string()]);
+    assert_eq!(
+        effect(&res, "remove_worktree")["status"],
+        "pending",
+        "{res}"
+    );
+    assert!(young.exists(), "a young lock was taken");
+    assert!(repo.local_branches().contains("ORCH-3"));
+    let log = env.json(&["task", "log", &third.to_string()]);
+    assert!(
+        !log["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|ev| ev["kind"] == "git_lock_recovered"),
+        "{log}"
+    );
 }
 
 // ------------------------------------ 7: a `git worktree add` killed before it finished

@@ -655,7 +655,18 @@ fn execute(
             if let Some(why) = refusal(c, repo, branch, Some(&clone))? {
                 return Err(EffectError::permanent(format!("refused: {why}")));
             }
-            let r = clone.remove_worktree(branch, true)?;
+            let r =
+                clone.remove_worktree(branch, true, || crate::worktree::try_lock_repo(c, repo))?;
+            for path in &r.unfinished {
+                notes.push((
+                    "unfinished_worktree_removed",
+                    json!({
+                        "repo": repo,
+                        "path": path,
+                        "why": "locked by a `git worktree add` that was killed before it finished (no preparation of the repo runs on this host and no process holds its files)",
+                    }),
+                ));
+            }
             Ok((
                 format!(
                     "removed {} worktree(s){}",

@@ -114,7 +114,18 @@ fn prepare_worktree(
     clone.recover_stale_locks(branch);
     clone.prune_worktrees().map_err(git)?;
     let full = format!("refs/heads/{branch}");
-    let trees = clone.worktrees().map_err(git)?;
+    let mut trees = clone.worktrees().map_err(git)?;
+    // A `git worktree add` killed before it finished (a STOP during an earlier
+    // preparation) left its worktree half made and locked: with this host's preparation
+    // lock held, none of orchctl's is running, so it is discarded and made anew — an agent
+    // never starts in a checkout that stopped half-way.
+    if let Some(t) = trees
+        .iter()
+        .find(|t| !t.is_main && t.unfinished() && t.branch.as_deref() == Some(full.as_str()))
+    {
+        clone.discard_unfinished(t).map_err(|e| e.message)?;
+        trees = clone.worktrees().map_err(git)?;
+    }
     if let Some(t) = trees
         .iter()
         .find(|t| t.branch.as_deref() == Some(full.as_str()))
@@ -173,21 +184,41 @@ fn prepare_worktree(
     Ok(target)
 }
 
+/// This host's lock on preparing `repo`'s worktrees when no preparation holds it now (not
+/// waited for): while it is held, no `git worktree add` of orchctl's runs in the clone, so a
+/// worktree locked as unfinished is a killed one's leftover. `None` when it is held, or
+/// cannot be had.
+pub fn try_lock_repo(config: &Config, repo: &str) -> Option<Flock<File>> {
+    names::validate_repo(repo).ok()?;
+    let file = open_repo_lock(config, repo).ok()?;
+    Flock::lock(file, FlockArg::LockExclusiveNonblock).ok()
+}
+
+fn repo_lock_path(config: &Config, repo: &str) -> PathBuf {
+    let dir =
+        std::path::absolute(&config.worktrees_dir).unwrap_or_else(|_| config.worktrees_dir.clone());
+    dir.join(format!("{repo}.lock"))
+}
+
+fn open_repo_lock(config: &Config, repo: &str) -> Result<File, String> {
+    let path = repo_lock_path(config, repo);
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+    }
+    std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| format!("opening {}: {e}", path.display()))
+}
+
 /// Takes this host's lock on preparing `repo`'s worktrees: two supervisors fetching or
 /// adding worktrees in one clone at once would fail on git's own lock files. The lock is
 /// an `flock` of `$ORCH_WORKTREES_DIR/<repo>.lock`, released when its holder exits (even
 /// killed); it is waited for at most `ORCH_GIT_TIMEOUT_SECS`.
 fn lock_repo(config: &Config, repo: &str) -> Result<Flock<File>, String> {
-    let dir =
-        std::path::absolute(&config.worktrees_dir).unwrap_or_else(|_| config.worktrees_dir.clone());
-    std::fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
-    let path = dir.join(format!("{repo}.lock"));
-    let mut file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&path)
-        .map_err(|e| format!("opening {}: {e}", path.display()))?;
+    let mut file = open_repo_lock(config, repo)?;
     let deadline = Instant::now() + config.git_timeout;
     loop {
         match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
@@ -199,7 +230,7 @@ fn lock_repo(config: &Config, repo: &str) -> Result<Flock<File>, String> {
             Err(_) => {
                 return Err(format!(
                     "another preparation of {repo}'s worktrees held {} longer than ORCH_GIT_TIMEOUT_SECS",
-                    path.display()
+                    repo_lock_path(config, repo).display()
                 ))
             }
         }

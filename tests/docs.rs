@@ -234,6 +234,7 @@ fn completions_offer_agent_and_stage_names() {
     let live = sorted(&orchctl::pipeline::LIVE_STAGES);
     for (line, want) in [
         ("orchctl claim --agent ", &agents),
+        ("orchctl dispatch --agent ", &agents),
         ("orchctl task list --stage ", &stages),
         ("orchctl task add --stage ", &live),
     ] {
@@ -241,6 +242,15 @@ fn completions_offer_agent_and_stage_names() {
         assert_eq!(&fish_completes(line), want, "fish: {line}");
     }
     let zsh = read("completions/_orchctl");
+    // Every --agent of zsh's completion (claim's and dispatch's) offers the names.
+    let agent_specs: Vec<&str> = zsh.lines().filter(|l| l.contains("--agent=")).collect();
+    assert_eq!(agent_specs.len(), 2, "claim and dispatch: {agent_specs:?}");
+    for line in agent_specs {
+        assert!(
+            line.contains(&format!(":({})", orchctl::cli::agent_names().join(" "))),
+            "{line}"
+        );
+    }
     for (spec, names) in [
         ("--agent=", orchctl::cli::agent_names().join(" ")),
         ("--stage=[Only tasks", orchctl::pipeline::STAGES.join(" ")),

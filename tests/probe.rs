@@ -708,6 +708,235 @@ fn stale_ref_locks_are_recovered_and_logged_but_a_lock_a_live_process_holds_is_k
     env.json(&["reconcile"]);
     assert!(!held.exists());
     assert!(!repo.local_branches().contains("ORCH-2"));
+
+    // A lock no process holds but younger than ORCH_GIT_TIMEOUT_SECS may be a git that
+    // is starting: it is kept, and the removal waits.
+    repo.feature(&env, "feature/ORCH-3-z");
+    let young = gitdir.join("refs/heads/feature/ORCH-3-z.lock");
+    std::fs::File::create(&young).unwrap();
+    let third = add_task(&env, "ORCH-3", "feature/ORCH-3-z");
+    let res = env.json(&["stop", &third.to_string()]);
+    assert_eq!(
+        effect(&res, "remove_worktree")["status"],
+        "pending",
+        "{res}"
+    );
+    assert!(young.exists(), "a young lock was taken");
+    assert!(repo.local_branches().contains("ORCH-3"));
+    let log = env.json(&["task", "log", &third.to_string()]);
+    assert!(
+        !log["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|ev| ev["kind"] == "git_lock_recovered"),
+        "{log}"
+    );
+}
+
+// ------------------------------------ 7: a `git worktree add` killed before it finished
+
+/// A `git worktree add` killed before it finished (a STOP's SIGKILL of the supervisor that
+/// prepares the worktree: git dies with it) leaves the worktree locked with the reason
+/// `initializing`. `git worktree remove --force` refuses a locked worktree and `prune`
+/// skips it, so the STOP's removal used to stay pending for good, and a later run's
+/// preparation took the half-made worktree for the task's.
+fn lock_as_unfinished(repo: &GitRepo, wt: &Path) {
+    git(
+        &repo.clone,
+        &[
+            "worktree",
+            "lock",
+            "--reason",
+            "initializing",
+            wt.to_str().unwrap(),
+        ],
+    );
+}
+
+/// The worktree of `branch` in `git worktree list --porcelain`, and whether it is locked.
+fn listed(repo: &GitRepo, branch: &str) -> Option<bool> {
+    let list = repo.worktree_list();
+    list.split("\n\n")
+        .find(|b| {
+            b.lines()
+                .any(|l| l == format!("branch refs/heads/{branch}"))
+        })
+        .map(|b| b.lines().any(|l| l.starts_with("locked")))
+}
+
+#[test]
+fn a_stop_during_a_worktree_preparation_still_removes_the_worktree() {
+    let mut env = Env::new();
+    let repo = GitRepo::new(&env, "orchestrator");
+    // A checkout that takes seconds (a slow smudge filter), so the STOP lands while the
+    // supervisor's `git worktree add` runs.
+    std::fs::write(repo.clone.join(".gitattributes"), "*.txt filter=slow\n").unwrap();
+    std::fs::write(repo.clone.join("a.txt"), "slow to check out\n").unwrap();
+    git(&repo.clone, &["add", "."]);
+    git(&repo.clone, &["commit", "-q", "-m", "slow"]);
+    git(&repo.clone, &["push", "-q", "origin", "main"]);
+    git(
+        &repo.clone,
+        &["config", "filter.slow.smudge", "sleep 3; cat"],
+    );
+    let _runs = crate::common::RecordedRuns::new(&env);
+    env.set("ORCH_AGENT_CMD_DEVELOPER", "sleep 60")
+        .set("ORCH_STOP_GRACE_SECS", "1")
+        .set("ORCH_OUTBOX_MAX_ATTEMPTS", "100");
+    let tid = add_task(&env, "ORCH-1", "feature/ORCH-1-x");
+    let wt = env.path().join("xdg/orchctl/worktrees/orchestrator/ORCH-1");
+    let admin = repo.clone.join(".git/worktrees/ORCH-1");
+
+    let d = env.json(&["dispatch"]);
+    assert_eq!(d["launched"].as_array().unwrap().len(), 1, "{d}");
+    assert!(
+        crate::fault::wait_until(Duration::from_secs(10), || admin.join("locked").exists()),
+        "the preparation did not start"
+    );
+    let res = env.json(&["stop", &tid.to_string()]);
+    assert_eq!(effect(&res, "stop_process")["status"], "done", "{res}");
+
+    // The checkout a killed `worktree add` started may still run (it holds the worktree's
+    // index.lock): the removal waits for it, then removes the half-made worktree.
+    let done = crate::fault::wait_until(Duration::from_secs(20), || {
+        std::thread::sleep(Duration::from_millis(200));
+        env.json(&["reconcile"]);
+        outbox(&env)
+            .iter()
+            .any(|r| r.kind == "remove_worktree" && r.status != "pending")
+    });
+    let rows = outbox(&env);
+    let row = rows.iter().find(|r| r.kind == "remove_worktree").unwrap();
+    assert!(
+        done && row.status == "done",
+        "{row:?}\n{}",
+        repo.worktree_list()
+    );
+    assert!(!wt.exists(), "the half-made worktree is left");
+    assert_eq!(listed(&repo, "feature/ORCH-1-x"), None);
+    assert!(!repo.local_branches().contains("ORCH-1"));
+}
+
+#[test]
+fn an_unfinished_worktree_is_removed_only_while_no_preparation_of_the_repo_runs() {
+    let env = Env::new();
+    let repo = GitRepo::new(&env, "orchestrator");
+    let wt = repo.feature(&env, "feature/ORCH-1-x");
+    lock_as_unfinished(&repo, &wt);
+    let tid = add_task(&env, "ORCH-1", "feature/ORCH-1-x");
+    // A preparation of this repo's worktrees is under way on this host: it holds the lock
+    // every preparation takes (its `git worktree add` may be this one, still running).
+    let worktrees = env.path().join("xdg/orchctl/worktrees");
+    std::fs::create_dir_all(&worktrees).unwrap();
+    let lock = worktrees.join("orchestrator.lock");
+    let holder = Agent::spawn(&format!("exec flock '{}' sleep 60", lock.display()));
+    assert!(crate::fault::wait_until(Duration::from_secs(5), || {
+        Command::new("flock")
+            .args(["-n", lock.to_str().unwrap(), "true"])
+            .status()
+            .is_ok_and(|s| !s.success())
+    }));
+
+    let res = env.json(&["stop", &tid.to_string()]);
+    let e = effect(&res, "remove_worktree");
+    assert_eq!(e["status"], "pending", "{e}");
+    assert!(wt.join("work.txt").exists());
+    assert_eq!(listed(&repo, "feature/ORCH-1-x"), Some(true));
+
+    // Once no preparation runs, the lock `git worktree add` left is its own leftover.
+    drop(holder);
+    env.json(&["reconcile"]);
+    let rows = outbox(&env);
+    let row = rows.iter().find(|r| r.kind == "remove_worktree").unwrap();
+    assert_eq!(row.status, "done", "{row:?}");
+    assert!(!wt.exists());
+    assert_eq!(listed(&repo, "feature/ORCH-1-x"), None);
+    assert!(!repo.local_branches().contains("ORCH-1"));
+    let log = env.json(&["task", "log", &tid.to_string()]);
+    assert!(
+        log["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|ev| ev["kind"] == "unfinished_worktree_removed"),
+        "{log}"
+    );
+
+    // A lock of any other reason (a person's `git worktree lock`) is never overridden.
+    let wt2 = repo.feature(&env, "feature/ORCH-2-y");
+    git(
+        &repo.clone,
+        &[
+            "worktree",
+            "lock",
+            "--reason",
+            "on a USB disk",
+            wt2.to_str().unwrap(),
+        ],
+    );
+    let t2 = add_task(&env, "ORCH-2", "feature/ORCH-2-y");
+    let res = env.json(&["stop", &t2.to_string()]);
+    assert_eq!(
+        effect(&res, "remove_worktree")["status"],
+        "pending",
+        "{res}"
+    );
+    assert!(wt2.join("work.txt").exists());
+}
+
+#[test]
+fn the_next_run_never_works_in_a_worktree_a_killed_git_worktree_add_left() {
+    let mut env = Env::new();
+    let repo = GitRepo::new(&env, "orchestrator");
+    let _runs = crate::common::RecordedRuns::new(&env);
+    let branch = "feature/ORCH-1-x";
+    // What a `git worktree add -b` killed during its checkout leaves: the branch, and its
+    // worktree registered and locked, with none of the files checked out.
+    let wt = env.path().join("xdg/orchctl/worktrees/orchestrator/ORCH-1");
+    git(
+        &repo.clone,
+        &[
+            "worktree",
+            "add",
+            "-q",
+            "--no-checkout",
+            "-b",
+            branch,
+            wt.to_str().unwrap(),
+            "origin/main",
+        ],
+    );
+    lock_as_unfinished(&repo, &wt);
+    assert!(!wt.join("README.md").exists());
+    let seen = env.path().join("seen.txt");
+    let agent = crate::fault::script(
+        &env.path().join("developer.sh"),
+        &format!(
+            "#!/bin/sh\n{{ pwd; ls; git status --porcelain; }} > '{}'\n",
+            seen.display()
+        ),
+    );
+    env.set("ORCH_AGENT_CMD_DEVELOPER", agent.to_str().unwrap());
+    add_task(&env, "ORCH-1", branch);
+
+    let d = env.json(&["dispatch"]);
+    assert_eq!(d["launched"].as_array().unwrap().len(), 1, "{d}");
+    assert!(crate::fault::wait_until(Duration::from_secs(10), || {
+        std::fs::read_to_string(&seen).is_ok_and(|s| s.lines().count() >= 2)
+    }));
+    std::thread::sleep(Duration::from_millis(100));
+    let text = std::fs::read_to_string(&seen).unwrap();
+    let mut lines = text.lines();
+    assert_eq!(lines.next(), Some(wt.to_str().unwrap()), "{text}");
+    let rest: Vec<&str> = lines.collect();
+    assert_eq!(rest, ["README.md"], "a whole, clean checkout:\n{text}");
+    assert_eq!(
+        listed(&repo, branch),
+        Some(false),
+        "{}",
+        repo.worktree_list()
+    );
 }
 
 // ----------------------------------------------------- 8: reap racing the launcher

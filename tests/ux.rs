@@ -408,6 +408,14 @@ fn agent_and_stage_names_are_checked_with_the_valid_ones_listed() {
         &[("ORCH_CLAIM_AGENTS", "analyst,bogus")],
         &agents,
     );
+    // dispatch takes agents too, on its command line and in its variable.
+    usage_listing(&env, &["dispatch", "--agent", "bogus"], &[], &agents);
+    usage_listing(
+        &env,
+        &["dispatch"],
+        &[("ORCH_DISPATCH_AGENTS", "developer,bogus")],
+        &agents,
+    );
     usage_listing(&env, &["task", "list", "--stage", "bogus"], &[], &stages);
     usage_listing(
         &env,
@@ -434,6 +442,12 @@ fn agent_and_stage_names_are_checked_with_the_valid_ones_listed() {
         );
         assert!(!e.lines().next().unwrap().contains("done,"), "{e}");
     }
+    usage_listing(
+        &env,
+        &["task", "add", "--repo", "demo", "--work-item", "DEMO-2"],
+        &[("ORCH_TASK_STAGE", "bogus")],
+        &stages[..4],
+    );
     assert_unchanged(&env, &before, "rejected names");
     // The valid names still work.
     assert_eq!(

@@ -14,7 +14,13 @@
 //! file left by a git that was killed (`refs/heads/<branch>.lock`, `packed-refs.lock`)
 //! would fail every later ref update of the clone with "File exists"; such a lock is
 //! removed once no process holds it open and it is older than the git time limit (a git
-//! orchctl runs never lives longer) — never one a running git may still own.
+//! orchctl runs never lives longer) — never one a running git may still own. A `git
+//! worktree add` killed before it finished (its supervisor stopped mid-preparation) leaves
+//! its worktree half made and locked with the reason `initializing`, which `git worktree
+//! remove --force` refuses and `prune` skips: such a worktree is discarded (unlocked and
+//! removed) by a caller that holds this host's preparation lock of the repo, once no
+//! process holds a file of its administrative folder open — never a worktree locked for
+//! any other reason.
 //! Callers validate repo and branch names first (see `names`).
 
 use std::collections::HashMap;
@@ -152,11 +158,15 @@ impl GitClone {
     /// Removes every linked worktree that has `refs/heads/<branch>` checked out, prunes,
     /// and deletes the local branch (unless `delete_branch` is false: a protected name). A
     /// main working tree holding the branch is a permanent refusal; git failures are
-    /// retryable.
-    pub fn remove_worktree(
+    /// retryable. A worktree an unfinished `git worktree add` left ([`Worktree::unfinished`])
+    /// is discarded only while `quiesce` gives a guard — this host's preparation lock of the
+    /// repo, so that no `git worktree add` of orchctl's can be running — held until the
+    /// removal ends; without it the removal waits for a retry.
+    pub fn remove_worktree<G>(
         &self,
         branch: &str,
         delete_branch: bool,
+        quiesce: impl FnOnce() -> Option<G>,
     ) -> Result<WorktreeRemoval, EffectError> {
         let retry = |e: anyhow::Error| EffectError::retry(format!("{e:#}"));
         let full = format!("refs/heads/{branch}");
@@ -171,10 +181,29 @@ impl GitClone {
             )));
         }
         let mut removed = Vec::new();
+        let mut unfinished = Vec::new();
+        let mut quiesce = Some(quiesce);
+        let mut guard = None;
         for w in trees
             .iter()
             .filter(|w| !w.is_main && w.branch.as_deref() == Some(full.as_str()))
         {
+            if w.unfinished() {
+                if let Some(take) = quiesce.take() {
+                    guard = take();
+                }
+                if guard.is_none() {
+                    return Err(EffectError::retry(format!(
+                        "{} is locked by a `git worktree add` that has not finished, and a \
+                         preparation of this repo's worktrees is under way; retried",
+                        w.path.display()
+                    )));
+                }
+                self.discard_unfinished(w)?;
+                unfinished.push(w.path.clone());
+                removed.push(w.path.clone());
+                continue;
+            }
             let path = w.path.to_string_lossy().into_owned();
             let out = self
                 .git(&["worktree", "remove", "--force", &path])
@@ -204,8 +233,64 @@ impl GitClone {
         }
         Ok(WorktreeRemoval {
             removed,
+            unfinished,
             branch_deleted,
         })
+    }
+
+    /// Discards a worktree an unfinished `git worktree add` left ([`Worktree::unfinished`]):
+    /// unlocks and removes it, then prunes. The caller holds this host's preparation lock
+    /// of the repo. A worktree whose administrative folder a live process still holds a
+    /// file of open (the checkout a killed `worktree add` started, which outlives it, holds
+    /// its `index.lock`) is left for a retry.
+    pub fn discard_unfinished(&self, tree: &Worktree) -> Result<(), EffectError> {
+        let retry = |e: anyhow::Error| EffectError::retry(format!("{e:#}"));
+        if !tree.unfinished() || tree.is_main {
+            return Err(EffectError::permanent(format!(
+                "{} is no worktree an unfinished `git worktree add` left",
+                tree.path.display()
+            )));
+        }
+        if let Some(admin) = self.admin_dir(&tree.path) {
+            if held_open_under(&admin) {
+                return Err(EffectError::retry(format!(
+                    "{} is still being checked out by a `git worktree add` that was killed; retried",
+                    tree.path.display()
+                )));
+            }
+        }
+        let path = tree.path.to_string_lossy().into_owned();
+        self.git_ok(&["worktree", "unlock", &path]).map_err(retry)?;
+        let out = self
+            .git(&["worktree", "remove", "--force", &path])
+            .map_err(retry)?;
+        // A folder that never got made leaves an entry that prune clears below.
+        if !out.status.success() && tree.path.exists() {
+            return Err(EffectError::retry(format!(
+                "git worktree remove {path} failed: {}",
+                out.stderr.trim()
+            )));
+        }
+        self.git_ok(&["worktree", "prune"]).map_err(retry)?;
+        Ok(())
+    }
+
+    /// The administrative folder (`<git dir>/worktrees/<name>`) of the linked worktree at
+    /// `path`, found by the `gitdir` file that points back at it.
+    fn admin_dir(&self, path: &Path) -> Option<PathBuf> {
+        let want = path.join(".git");
+        let canonical = |p: &Path| p.canonicalize().unwrap_or_else(|_| p.to_path_buf());
+        std::fs::read_dir(self.git_dir.join("worktrees"))
+            .ok()?
+            .flatten()
+            .map(|e| e.path())
+            .find(|admin| {
+                std::fs::read_to_string(admin.join("gitdir")).is_ok_and(|g| {
+                    let g = Path::new(g.trim());
+                    g == want || canonical(g) == canonical(&want)
+                })
+            })
+            .map(|admin| canonical(&admin))
     }
 
     /// Whether the clone has the ref `full` (`refs/heads/<b>`, `refs/remotes/origin/<b>`).
@@ -398,6 +483,33 @@ fn held_open(path: &Path) -> bool {
     false
 }
 
+/// Whether any process this user can see has a file under `dir` open.
+fn held_open_under(dir: &Path) -> bool {
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return true;
+    };
+    for p in procs.flatten() {
+        if !p
+            .file_name()
+            .to_string_lossy()
+            .bytes()
+            .all(|b| b.is_ascii_digit())
+        {
+            continue;
+        }
+        let Ok(fds) = std::fs::read_dir(p.path().join("fd")) else {
+            continue;
+        };
+        if fds
+            .flatten()
+            .any(|fd| std::fs::read_link(fd.path()).is_ok_and(|target| target.starts_with(dir)))
+        {
+            return true;
+        }
+    }
+    false
+}
+
 /// Removes `path` unless it was replaced since it was judged: a new lock of a new git is
 /// another file.
 fn remove_if_same(path: &Path, judged: (u64, u64)) -> bool {
@@ -460,6 +572,19 @@ pub struct Worktree {
     /// `refs/heads/<name>` when a branch is checked out.
     pub branch: Option<String>,
     pub is_main: bool,
+    /// The lock's reason when the worktree is locked (empty when it gives none).
+    pub locked: Option<String>,
+}
+
+/// The reason `git worktree add` locks the worktree it is making with, until it is done.
+pub const UNFINISHED_ADD: &str = "initializing";
+
+impl Worktree {
+    /// Whether a `git worktree add` left this worktree locked as unfinished: it is still
+    /// running, or it was killed half-way (the worktree's checkout is incomplete).
+    pub fn unfinished(&self) -> bool {
+        self.locked.as_deref() == Some(UNFINISHED_ADD)
+    }
 }
 
 pub fn parse_worktrees(porcelain: &str) -> Vec<Worktree> {
@@ -467,11 +592,16 @@ pub fn parse_worktrees(porcelain: &str) -> Vec<Worktree> {
     for block in porcelain.split("\n\n") {
         let mut path = None;
         let mut branch = None;
+        let mut locked = None;
         for line in block.lines() {
             if let Some(p) = line.strip_prefix("worktree ") {
                 path = Some(PathBuf::from(p));
             } else if let Some(b) = line.strip_prefix("branch ") {
                 branch = Some(b.to_string());
+            } else if line == "locked" {
+                locked = Some(String::new());
+            } else if let Some(r) = line.strip_prefix("locked ") {
+                locked = Some(r.to_string());
             }
         }
         if let Some(path) = path {
@@ -480,6 +610,7 @@ pub fn parse_worktrees(porcelain: &str) -> Vec<Worktree> {
                 path,
                 branch,
                 is_main,
+                locked,
             });
         }
     }
@@ -490,6 +621,8 @@ pub fn parse_worktrees(porcelain: &str) -> Vec<Worktree> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WorktreeRemoval {
     pub removed: Vec<PathBuf>,
+    /// Those of `removed` an unfinished `git worktree add` had left locked.
+    pub unfinished: Vec<PathBuf>,
     pub branch_deleted: bool,
 }
 
@@ -523,11 +656,16 @@ mod tests {
     fn porcelain_blocks_parse_and_the_first_is_main() {
         let text = "worktree /r/main\nHEAD abc\nbranch refs/heads/main\n\n\
                     worktree /r/wt\nHEAD def\nbranch refs/heads/feature/X-1\n\n\
-                    worktree /r/detached\nHEAD 123\ndetached\n\n";
+                    worktree /r/detached\nHEAD 123\ndetached\n\n\
+                    worktree /r/half\nHEAD 456\nbranch refs/heads/feature/X-2\nlocked initializing\n\n\
+                    worktree /r/usb\nHEAD 789\nbranch refs/heads/feature/X-3\nlocked\n\n";
         let w = parse_worktrees(text);
-        assert_eq!(w.len(), 3);
+        assert_eq!(w.len(), 5);
         assert!(w[0].is_main && !w[1].is_main);
         assert_eq!(w[1].branch.as_deref(), Some("refs/heads/feature/X-1"));
         assert_eq!(w[2].branch, None);
+        assert_eq!(w[1].locked, None);
+        assert!(w[3].unfinished() && w[3].locked.as_deref() == Some("initializing"));
+        assert!(!w[4].unfinished() && w[4].locked.as_deref() == Some(""));
     }
 }

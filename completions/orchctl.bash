@@ -179,13 +179,17 @@ _orchctl() {
 
     case "${cmd}" in
         orchctl)
-            opts="-h -V --db --format --help --version migrate task stop claim dispatch complete reap reconcile deploy-begin finalize-deploy queue event approve reject confirm-deploy retry metrics prune help"
+            opts="-h -V --db --db-url --format --help --version migrate task stop claim dispatch complete reap reconcile deploy-begin finalize-deploy queue event approve reject confirm-deploy retry metrics prune help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 1 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
             fi
             case "${prev}" in
                 --db)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --db-url)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -201,13 +205,17 @@ _orchctl() {
             return 0
             ;;
         orchctl__subcmd__approve)
-            opts="-h --db --format --help"
+            opts="-h --db --db-url --format --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
             fi
             case "${prev}" in
                 --db)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --db-url)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -223,7 +231,7 @@ _orchctl() {
             return 0
             ;;
         orchctl__subcmd__claim)
-            opts="-h --agent --repo --exec --db --format --help"
+            opts="-h --agent --repo --exec --db --db-url --format --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -241,6 +249,10 @@ _orchctl() {
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
+                --db-url)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 --format)
                     COMPREPLY=($(compgen -W "json text" -- "${cur}"))
                     return 0
@@ -253,7 +265,7 @@ _orchctl() {
             return 0
             ;;
         orchctl__subcmd__complete)
-            opts="-h --run-id --success --failure --error --db --format --help"
+            opts="-h --run-id --success --failure --error --db --db-url --format --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -271,6 +283,10 @@ _orchctl() {
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
+                --db-url)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 --format)
                     COMPREPLY=($(compgen -W "json text" -- "${cur}"))
                     return 0
@@ -283,13 +299,17 @@ _orchctl() {
             return 0
             ;;
         orchctl__subcmd__confirm__subcmd__deploy)
-            opts="-h --db --format --help"
+            opts="-h --db --db-url --format --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
             fi
             case "${prev}" in
                 --db)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --db-url)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -305,13 +325,17 @@ _orchctl() {
             return 0
             ;;
         orchctl__subcmd__deploy__subcmd__begin)
-            opts="-h --db --format --help"
+            opts="-h --db --db-url --format --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
             fi
             case "${prev}" in
                 --db)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --db-url)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -327,7 +351,7 @@ _orchctl() {
             return 0
             ;;
         orchctl__subcmd__dispatch)
-            opts="-h --agent --repo --dry-run --db --format --help"
+            opts="-h --agent --repo --dry-run --db --db-url --format --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -345,6 +369,10 @@ _orchctl() {
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
+                --db-url)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 --format)
                     COMPREPLY=($(compgen -W "json text" -- "${cur}"))
                     return 0
@@ -357,7 +385,7 @@ _orchctl() {
             return 0
             ;;
         orchctl__subcmd__event)
-            opts="-h --delivery --event --signature --db --format --help"
+            opts="-h --delivery --event --signature --db --db-url --format --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -379,6 +407,10 @@ _orchctl() {
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
+                --db-url)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 --format)
                     COMPREPLY=($(compgen -W "json text" -- "${cur}"))
                     return 0
@@ -391,7 +423,7 @@ _orchctl() {
             return 0
             ;;
         orchctl__subcmd__finalize__subcmd__deploy)
-            opts="-h --outcome --db --format --help"
+            opts="-h --outcome --db --db-url --format --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -402,6 +434,10 @@ _orchctl() {
                     return 0
                     ;;
                 --db)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --db-url)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -753,7 +789,7 @@ _orchctl() {
             return 0
             ;;
         orchctl__subcmd__metrics)
-            opts="-h --textfile --db --format --help"
+            opts="-h --textfile --db --db-url --format --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -764,6 +800,10 @@ _orchctl() {
                     return 0
                     ;;
                 --db)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --db-url)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -779,13 +819,17 @@ _orchctl() {
             return 0
             ;;
         orchctl__subcmd__migrate)
-            opts="-h --db --format --help"
+            opts="-h --db --db-url --format --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
             fi
             case "${prev}" in
                 --db)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --db-url)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -801,7 +845,7 @@ _orchctl() {
             return 0
             ;;
         orchctl__subcmd__prune)
-            opts="-h --older-than --dry-run --db --format --help"
+            opts="-h --older-than --dry-run --db --db-url --format --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -812,6 +856,10 @@ _orchctl() {
                     return 0
                     ;;
                 --db)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --db-url)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -827,7 +875,7 @@ _orchctl() {
             return 0
             ;;
         orchctl__subcmd__queue)
-            opts="-h --recent --db --format --help"
+            opts="-h --recent --db --db-url --format --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -838,6 +886,10 @@ _orchctl() {
                     return 0
                     ;;
                 --db)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --db-url)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -853,13 +905,17 @@ _orchctl() {
             return 0
             ;;
         orchctl__subcmd__reap)
-            opts="-h --dry-run --recover --db --format --help"
+            opts="-h --dry-run --recover --db --db-url --format --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
             fi
             case "${prev}" in
                 --db)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --db-url)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -875,13 +931,17 @@ _orchctl() {
             return 0
             ;;
         orchctl__subcmd__reconcile)
-            opts="-h --db --format --help"
+            opts="-h --db --db-url --format --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
             fi
             case "${prev}" in
                 --db)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --db-url)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -897,7 +957,7 @@ _orchctl() {
             return 0
             ;;
         orchctl__subcmd__reject)
-            opts="-h --reason --db --format --help"
+            opts="-h --reason --db --db-url --format --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -908,6 +968,10 @@ _orchctl() {
                     return 0
                     ;;
                 --db)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --db-url)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -923,13 +987,17 @@ _orchctl() {
             return 0
             ;;
         orchctl__subcmd__retry)
-            opts="-h --db --format --help"
+            opts="-h --db --db-url --format --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
             fi
             case "${prev}" in
                 --db)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --db-url)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -945,7 +1013,7 @@ _orchctl() {
             return 0
             ;;
         orchctl__subcmd__stop)
-            opts="-h --reason --force --db --format --help"
+            opts="-h --reason --force --db --db-url --format --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -956,6 +1024,10 @@ _orchctl() {
                     return 0
                     ;;
                 --db)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --db-url)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -971,13 +1043,17 @@ _orchctl() {
             return 0
             ;;
         orchctl__subcmd__task)
-            opts="-h --db --format --help add show list log help"
+            opts="-h --db --db-url --format --help add show list log help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
             fi
             case "${prev}" in
                 --db)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --db-url)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -993,7 +1069,7 @@ _orchctl() {
             return 0
             ;;
         orchctl__subcmd__task__subcmd__add)
-            opts="-h --repo --work-item --plane-id --project-id --branch --title --stage --depends-on --db --format --help"
+            opts="-h --repo --work-item --plane-id --project-id --branch --title --stage --depends-on --db --db-url --format --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -1032,6 +1108,10 @@ _orchctl() {
                     return 0
                     ;;
                 --db)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --db-url)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -1131,7 +1211,7 @@ _orchctl() {
             return 0
             ;;
         orchctl__subcmd__task__subcmd__list)
-            opts="-h --stage --repo --limit --db --format --help"
+            opts="-h --stage --repo --limit --db --db-url --format --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -1153,6 +1233,10 @@ _orchctl() {
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
+                --db-url)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 --format)
                     COMPREPLY=($(compgen -W "json text" -- "${cur}"))
                     return 0
@@ -1165,13 +1249,17 @@ _orchctl() {
             return 0
             ;;
         orchctl__subcmd__task__subcmd__log)
-            opts="-h --db --format --help"
+            opts="-h --db --db-url --format --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
             fi
             case "${prev}" in
                 --db)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --db-url)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -1187,13 +1275,17 @@ _orchctl() {
             return 0
             ;;
         orchctl__subcmd__task__subcmd__show)
-            opts="-h --db --format --help"
+            opts="-h --db --db-url --format --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
             fi
             case "${prev}" in
                 --db)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --db-url)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;

@@ -1,6 +1,6 @@
 # Print an optspec for argparse to handle cmd's options that are independent of any subcommand.
 function __fish_orchctl_global_optspecs
-    string join \n db= format= h/help V/version
+    string join \n db= db-url= format= h/help V/version
 end
 
 function __fish_orchctl_needs_command
@@ -25,6 +25,7 @@ function __fish_orchctl_using_subcommand
 end
 
 complete -c orchctl -n "__fish_orchctl_needs_command" -l db -d 'The SQLite database [default: $XDG_STATE_HOME/orchctl/orch.db]' -r -F
+complete -c orchctl -n "__fish_orchctl_needs_command" -l db-url -d 'A PostgreSQL database shared by several agent hosts, instead of the SQLite file (postgres:// or postgresql:// URL; wins over --db). Prefer ORCH_DB_URL with the password in ORCH_DB_PASSWORD: a command line is visible to every user' -r
 complete -c orchctl -n "__fish_orchctl_needs_command" -l format -d 'Output format [default: text on a terminal, JSON otherwise]' -r -f -a "json\t''
 text\t''"
 complete -c orchctl -n "__fish_orchctl_needs_command" -s h -l help -d 'Print help (see more with \'--help\')'
@@ -49,10 +50,12 @@ complete -c orchctl -n "__fish_orchctl_needs_command" -f -a "metrics" -d 'Promet
 complete -c orchctl -n "__fish_orchctl_needs_command" -f -a "prune" -d 'Housekeeping: delete old delivery hashes, done side effects and agent logs (daily)'
 complete -c orchctl -n "__fish_orchctl_needs_command" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
 complete -c orchctl -n "__fish_orchctl_using_subcommand migrate" -l db -d 'The SQLite database [default: $XDG_STATE_HOME/orchctl/orch.db]' -r -F
+complete -c orchctl -n "__fish_orchctl_using_subcommand migrate" -l db-url -d 'A PostgreSQL database shared by several agent hosts, instead of the SQLite file (postgres:// or postgresql:// URL; wins over --db). Prefer ORCH_DB_URL with the password in ORCH_DB_PASSWORD: a command line is visible to every user' -r
 complete -c orchctl -n "__fish_orchctl_using_subcommand migrate" -l format -d 'Output format [default: text on a terminal, JSON otherwise]' -r -f -a "json\t''
 text\t''"
 complete -c orchctl -n "__fish_orchctl_using_subcommand migrate" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c orchctl -n "__fish_orchctl_using_subcommand task; and not __fish_seen_subcommand_from add show list log help" -l db -d 'The SQLite database [default: $XDG_STATE_HOME/orchctl/orch.db]' -r -F
+complete -c orchctl -n "__fish_orchctl_using_subcommand task; and not __fish_seen_subcommand_from add show list log help" -l db-url -d 'A PostgreSQL database shared by several agent hosts, instead of the SQLite file (postgres:// or postgresql:// URL; wins over --db). Prefer ORCH_DB_URL with the password in ORCH_DB_PASSWORD: a command line is visible to every user' -r
 complete -c orchctl -n "__fish_orchctl_using_subcommand task; and not __fish_seen_subcommand_from add show list log help" -l format -d 'Output format [default: text on a terminal, JSON otherwise]' -r -f -a "json\t''
 text\t''"
 complete -c orchctl -n "__fish_orchctl_using_subcommand task; and not __fish_seen_subcommand_from add show list log help" -s h -l help -d 'Print help'
@@ -73,10 +76,12 @@ review\t''
 deploy\t''"
 complete -c orchctl -n "__fish_orchctl_using_subcommand task; and __fish_seen_subcommand_from add" -l depends-on -d 'A task whose completion this one waits for (repeatable)' -r
 complete -c orchctl -n "__fish_orchctl_using_subcommand task; and __fish_seen_subcommand_from add" -l db -d 'The SQLite database [default: $XDG_STATE_HOME/orchctl/orch.db]' -r -F
+complete -c orchctl -n "__fish_orchctl_using_subcommand task; and __fish_seen_subcommand_from add" -l db-url -d 'A PostgreSQL database shared by several agent hosts, instead of the SQLite file (postgres:// or postgresql:// URL; wins over --db). Prefer ORCH_DB_URL with the password in ORCH_DB_PASSWORD: a command line is visible to every user' -r
 complete -c orchctl -n "__fish_orchctl_using_subcommand task; and __fish_seen_subcommand_from add" -l format -d 'Output format [default: text on a terminal, JSON otherwise]' -r -f -a "json\t''
 text\t''"
 complete -c orchctl -n "__fish_orchctl_using_subcommand task; and __fish_seen_subcommand_from add" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c orchctl -n "__fish_orchctl_using_subcommand task; and __fish_seen_subcommand_from show" -l db -d 'The SQLite database [default: $XDG_STATE_HOME/orchctl/orch.db]' -r -F
+complete -c orchctl -n "__fish_orchctl_using_subcommand task; and __fish_seen_subcommand_from show" -l db-url -d 'A PostgreSQL database shared by several agent hosts, instead of the SQLite file (postgres:// or postgresql:// URL; wins over --db). Prefer ORCH_DB_URL with the password in ORCH_DB_PASSWORD: a command line is visible to every user' -r
 complete -c orchctl -n "__fish_orchctl_using_subcommand task; and __fish_seen_subcommand_from show" -l format -d 'Output format [default: text on a terminal, JSON otherwise]' -r -f -a "json\t''
 text\t''"
 complete -c orchctl -n "__fish_orchctl_using_subcommand task; and __fish_seen_subcommand_from show" -s h -l help -d 'Print help'
@@ -89,10 +94,12 @@ cancelled\t''"
 complete -c orchctl -n "__fish_orchctl_using_subcommand task; and __fish_seen_subcommand_from list" -l repo -d 'Only tasks of this repo' -r
 complete -c orchctl -n "__fish_orchctl_using_subcommand task; and __fish_seen_subcommand_from list" -l limit -d 'At most this many tasks' -r
 complete -c orchctl -n "__fish_orchctl_using_subcommand task; and __fish_seen_subcommand_from list" -l db -d 'The SQLite database [default: $XDG_STATE_HOME/orchctl/orch.db]' -r -F
+complete -c orchctl -n "__fish_orchctl_using_subcommand task; and __fish_seen_subcommand_from list" -l db-url -d 'A PostgreSQL database shared by several agent hosts, instead of the SQLite file (postgres:// or postgresql:// URL; wins over --db). Prefer ORCH_DB_URL with the password in ORCH_DB_PASSWORD: a command line is visible to every user' -r
 complete -c orchctl -n "__fish_orchctl_using_subcommand task; and __fish_seen_subcommand_from list" -l format -d 'Output format [default: text on a terminal, JSON otherwise]' -r -f -a "json\t''
 text\t''"
 complete -c orchctl -n "__fish_orchctl_using_subcommand task; and __fish_seen_subcommand_from list" -s h -l help -d 'Print help'
 complete -c orchctl -n "__fish_orchctl_using_subcommand task; and __fish_seen_subcommand_from log" -l db -d 'The SQLite database [default: $XDG_STATE_HOME/orchctl/orch.db]' -r -F
+complete -c orchctl -n "__fish_orchctl_using_subcommand task; and __fish_seen_subcommand_from log" -l db-url -d 'A PostgreSQL database shared by several agent hosts, instead of the SQLite file (postgres:// or postgresql:// URL; wins over --db). Prefer ORCH_DB_URL with the password in ORCH_DB_PASSWORD: a command line is visible to every user' -r
 complete -c orchctl -n "__fish_orchctl_using_subcommand task; and __fish_seen_subcommand_from log" -l format -d 'Output format [default: text on a terminal, JSON otherwise]' -r -f -a "json\t''
 text\t''"
 complete -c orchctl -n "__fish_orchctl_using_subcommand task; and __fish_seen_subcommand_from log" -s h -l help -d 'Print help'
@@ -103,6 +110,7 @@ complete -c orchctl -n "__fish_orchctl_using_subcommand task; and __fish_seen_su
 complete -c orchctl -n "__fish_orchctl_using_subcommand task; and __fish_seen_subcommand_from help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
 complete -c orchctl -n "__fish_orchctl_using_subcommand stop" -l reason -d 'Why (recorded in the task and its log)' -r
 complete -c orchctl -n "__fish_orchctl_using_subcommand stop" -l db -d 'The SQLite database [default: $XDG_STATE_HOME/orchctl/orch.db]' -r -F
+complete -c orchctl -n "__fish_orchctl_using_subcommand stop" -l db-url -d 'A PostgreSQL database shared by several agent hosts, instead of the SQLite file (postgres:// or postgresql:// URL; wins over --db). Prefer ORCH_DB_URL with the password in ORCH_DB_PASSWORD: a command line is visible to every user' -r
 complete -c orchctl -n "__fish_orchctl_using_subcommand stop" -l format -d 'Output format [default: text on a terminal, JSON otherwise]' -r -f -a "json\t''
 text\t''"
 complete -c orchctl -n "__fish_orchctl_using_subcommand stop" -l force -d 'Skip the critical-window check: reset even during a deploy'
@@ -113,6 +121,7 @@ reviewer\t''
 deployer\t''"
 complete -c orchctl -n "__fish_orchctl_using_subcommand claim" -l repo -d 'Only jobs of this repo' -r
 complete -c orchctl -n "__fish_orchctl_using_subcommand claim" -l db -d 'The SQLite database [default: $XDG_STATE_HOME/orchctl/orch.db]' -r -F
+complete -c orchctl -n "__fish_orchctl_using_subcommand claim" -l db-url -d 'A PostgreSQL database shared by several agent hosts, instead of the SQLite file (postgres:// or postgresql:// URL; wins over --db). Prefer ORCH_DB_URL with the password in ORCH_DB_PASSWORD: a command line is visible to every user' -r
 complete -c orchctl -n "__fish_orchctl_using_subcommand claim" -l format -d 'Output format [default: text on a terminal, JSON otherwise]' -r -f -a "json\t''
 text\t''"
 complete -c orchctl -n "__fish_orchctl_using_subcommand claim" -l exec -d 'Launch the agent: the command after `--`, under a supervisor in its own session'
@@ -123,6 +132,7 @@ reviewer\t''
 deployer\t''"
 complete -c orchctl -n "__fish_orchctl_using_subcommand dispatch" -l repo -d 'Only jobs of this repo' -r
 complete -c orchctl -n "__fish_orchctl_using_subcommand dispatch" -l db -d 'The SQLite database [default: $XDG_STATE_HOME/orchctl/orch.db]' -r -F
+complete -c orchctl -n "__fish_orchctl_using_subcommand dispatch" -l db-url -d 'A PostgreSQL database shared by several agent hosts, instead of the SQLite file (postgres:// or postgresql:// URL; wins over --db). Prefer ORCH_DB_URL with the password in ORCH_DB_PASSWORD: a command line is visible to every user' -r
 complete -c orchctl -n "__fish_orchctl_using_subcommand dispatch" -l format -d 'Output format [default: text on a terminal, JSON otherwise]' -r -f -a "json\t''
 text\t''"
 complete -c orchctl -n "__fish_orchctl_using_subcommand dispatch" -l dry-run -d 'Show what would be launched, change nothing'
@@ -130,33 +140,39 @@ complete -c orchctl -n "__fish_orchctl_using_subcommand dispatch" -s h -l help -
 complete -c orchctl -n "__fish_orchctl_using_subcommand complete" -l run-id -d 'The run being completed (an agent started with --exec has it in ORCH_RUN_ID)' -r
 complete -c orchctl -n "__fish_orchctl_using_subcommand complete" -l error -d 'What went wrong (with --failure)' -r
 complete -c orchctl -n "__fish_orchctl_using_subcommand complete" -l db -d 'The SQLite database [default: $XDG_STATE_HOME/orchctl/orch.db]' -r -F
+complete -c orchctl -n "__fish_orchctl_using_subcommand complete" -l db-url -d 'A PostgreSQL database shared by several agent hosts, instead of the SQLite file (postgres:// or postgresql:// URL; wins over --db). Prefer ORCH_DB_URL with the password in ORCH_DB_PASSWORD: a command line is visible to every user' -r
 complete -c orchctl -n "__fish_orchctl_using_subcommand complete" -l format -d 'Output format [default: text on a terminal, JSON otherwise]' -r -f -a "json\t''
 text\t''"
 complete -c orchctl -n "__fish_orchctl_using_subcommand complete" -l success -d 'The run succeeded'
 complete -c orchctl -n "__fish_orchctl_using_subcommand complete" -l failure -d 'The run failed'
 complete -c orchctl -n "__fish_orchctl_using_subcommand complete" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c orchctl -n "__fish_orchctl_using_subcommand reap" -l db -d 'The SQLite database [default: $XDG_STATE_HOME/orchctl/orch.db]' -r -F
+complete -c orchctl -n "__fish_orchctl_using_subcommand reap" -l db-url -d 'A PostgreSQL database shared by several agent hosts, instead of the SQLite file (postgres:// or postgresql:// URL; wins over --db). Prefer ORCH_DB_URL with the password in ORCH_DB_PASSWORD: a command line is visible to every user' -r
 complete -c orchctl -n "__fish_orchctl_using_subcommand reap" -l format -d 'Output format [default: text on a terminal, JSON otherwise]' -r -f -a "json\t''
 text\t''"
 complete -c orchctl -n "__fish_orchctl_using_subcommand reap" -l dry-run -d 'Report what would change, change nothing'
 complete -c orchctl -n "__fish_orchctl_using_subcommand reap" -l recover -d 'Boot-time recovery: every running job is dead (run once at boot, before agents)'
 complete -c orchctl -n "__fish_orchctl_using_subcommand reap" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c orchctl -n "__fish_orchctl_using_subcommand reconcile" -l db -d 'The SQLite database [default: $XDG_STATE_HOME/orchctl/orch.db]' -r -F
+complete -c orchctl -n "__fish_orchctl_using_subcommand reconcile" -l db-url -d 'A PostgreSQL database shared by several agent hosts, instead of the SQLite file (postgres:// or postgresql:// URL; wins over --db). Prefer ORCH_DB_URL with the password in ORCH_DB_PASSWORD: a command line is visible to every user' -r
 complete -c orchctl -n "__fish_orchctl_using_subcommand reconcile" -l format -d 'Output format [default: text on a terminal, JSON otherwise]' -r -f -a "json\t''
 text\t''"
 complete -c orchctl -n "__fish_orchctl_using_subcommand reconcile" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c orchctl -n "__fish_orchctl_using_subcommand deploy-begin" -l db -d 'The SQLite database [default: $XDG_STATE_HOME/orchctl/orch.db]' -r -F
+complete -c orchctl -n "__fish_orchctl_using_subcommand deploy-begin" -l db-url -d 'A PostgreSQL database shared by several agent hosts, instead of the SQLite file (postgres:// or postgresql:// URL; wins over --db). Prefer ORCH_DB_URL with the password in ORCH_DB_PASSWORD: a command line is visible to every user' -r
 complete -c orchctl -n "__fish_orchctl_using_subcommand deploy-begin" -l format -d 'Output format [default: text on a terminal, JSON otherwise]' -r -f -a "json\t''
 text\t''"
 complete -c orchctl -n "__fish_orchctl_using_subcommand deploy-begin" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c orchctl -n "__fish_orchctl_using_subcommand finalize-deploy" -l outcome -d 'How the merge/deploy step ended' -r -f -a "success\t''
 failure\t''"
 complete -c orchctl -n "__fish_orchctl_using_subcommand finalize-deploy" -l db -d 'The SQLite database [default: $XDG_STATE_HOME/orchctl/orch.db]' -r -F
+complete -c orchctl -n "__fish_orchctl_using_subcommand finalize-deploy" -l db-url -d 'A PostgreSQL database shared by several agent hosts, instead of the SQLite file (postgres:// or postgresql:// URL; wins over --db). Prefer ORCH_DB_URL with the password in ORCH_DB_PASSWORD: a command line is visible to every user' -r
 complete -c orchctl -n "__fish_orchctl_using_subcommand finalize-deploy" -l format -d 'Output format [default: text on a terminal, JSON otherwise]' -r -f -a "json\t''
 text\t''"
 complete -c orchctl -n "__fish_orchctl_using_subcommand finalize-deploy" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c orchctl -n "__fish_orchctl_using_subcommand queue" -l recent -d 'How many recent jobs, cancelled tasks and waiting tasks of each kind to list (at most 1000; blocked tasks and side effects: at least 20)' -r
 complete -c orchctl -n "__fish_orchctl_using_subcommand queue" -l db -d 'The SQLite database [default: $XDG_STATE_HOME/orchctl/orch.db]' -r -F
+complete -c orchctl -n "__fish_orchctl_using_subcommand queue" -l db-url -d 'A PostgreSQL database shared by several agent hosts, instead of the SQLite file (postgres:// or postgresql:// URL; wins over --db). Prefer ORCH_DB_URL with the password in ORCH_DB_PASSWORD: a command line is visible to every user' -r
 complete -c orchctl -n "__fish_orchctl_using_subcommand queue" -l format -d 'Output format [default: text on a terminal, JSON otherwise]' -r -f -a "json\t''
 text\t''"
 complete -c orchctl -n "__fish_orchctl_using_subcommand queue" -s h -l help -d 'Print help (see more with \'--help\')'
@@ -164,33 +180,40 @@ complete -c orchctl -n "__fish_orchctl_using_subcommand event" -l delivery -d 'T
 complete -c orchctl -n "__fish_orchctl_using_subcommand event" -l event -d 'The X-Plane-Event header' -r
 complete -c orchctl -n "__fish_orchctl_using_subcommand event" -l signature -d 'The X-Plane-Signature header (hex HMAC-SHA256 of the body)' -r
 complete -c orchctl -n "__fish_orchctl_using_subcommand event" -l db -d 'The SQLite database [default: $XDG_STATE_HOME/orchctl/orch.db]' -r -F
+complete -c orchctl -n "__fish_orchctl_using_subcommand event" -l db-url -d 'A PostgreSQL database shared by several agent hosts, instead of the SQLite file (postgres:// or postgresql:// URL; wins over --db). Prefer ORCH_DB_URL with the password in ORCH_DB_PASSWORD: a command line is visible to every user' -r
 complete -c orchctl -n "__fish_orchctl_using_subcommand event" -l format -d 'Output format [default: text on a terminal, JSON otherwise]' -r -f -a "json\t''
 text\t''"
 complete -c orchctl -n "__fish_orchctl_using_subcommand event" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c orchctl -n "__fish_orchctl_using_subcommand approve" -l db -d 'The SQLite database [default: $XDG_STATE_HOME/orchctl/orch.db]' -r -F
+complete -c orchctl -n "__fish_orchctl_using_subcommand approve" -l db-url -d 'A PostgreSQL database shared by several agent hosts, instead of the SQLite file (postgres:// or postgresql:// URL; wins over --db). Prefer ORCH_DB_URL with the password in ORCH_DB_PASSWORD: a command line is visible to every user' -r
 complete -c orchctl -n "__fish_orchctl_using_subcommand approve" -l format -d 'Output format [default: text on a terminal, JSON otherwise]' -r -f -a "json\t''
 text\t''"
 complete -c orchctl -n "__fish_orchctl_using_subcommand approve" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c orchctl -n "__fish_orchctl_using_subcommand reject" -l reason -d 'Why (recorded in the task log and the Plane comment)' -r
 complete -c orchctl -n "__fish_orchctl_using_subcommand reject" -l db -d 'The SQLite database [default: $XDG_STATE_HOME/orchctl/orch.db]' -r -F
+complete -c orchctl -n "__fish_orchctl_using_subcommand reject" -l db-url -d 'A PostgreSQL database shared by several agent hosts, instead of the SQLite file (postgres:// or postgresql:// URL; wins over --db). Prefer ORCH_DB_URL with the password in ORCH_DB_PASSWORD: a command line is visible to every user' -r
 complete -c orchctl -n "__fish_orchctl_using_subcommand reject" -l format -d 'Output format [default: text on a terminal, JSON otherwise]' -r -f -a "json\t''
 text\t''"
 complete -c orchctl -n "__fish_orchctl_using_subcommand reject" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c orchctl -n "__fish_orchctl_using_subcommand confirm-deploy" -l db -d 'The SQLite database [default: $XDG_STATE_HOME/orchctl/orch.db]' -r -F
+complete -c orchctl -n "__fish_orchctl_using_subcommand confirm-deploy" -l db-url -d 'A PostgreSQL database shared by several agent hosts, instead of the SQLite file (postgres:// or postgresql:// URL; wins over --db). Prefer ORCH_DB_URL with the password in ORCH_DB_PASSWORD: a command line is visible to every user' -r
 complete -c orchctl -n "__fish_orchctl_using_subcommand confirm-deploy" -l format -d 'Output format [default: text on a terminal, JSON otherwise]' -r -f -a "json\t''
 text\t''"
 complete -c orchctl -n "__fish_orchctl_using_subcommand confirm-deploy" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c orchctl -n "__fish_orchctl_using_subcommand retry" -l db -d 'The SQLite database [default: $XDG_STATE_HOME/orchctl/orch.db]' -r -F
+complete -c orchctl -n "__fish_orchctl_using_subcommand retry" -l db-url -d 'A PostgreSQL database shared by several agent hosts, instead of the SQLite file (postgres:// or postgresql:// URL; wins over --db). Prefer ORCH_DB_URL with the password in ORCH_DB_PASSWORD: a command line is visible to every user' -r
 complete -c orchctl -n "__fish_orchctl_using_subcommand retry" -l format -d 'Output format [default: text on a terminal, JSON otherwise]' -r -f -a "json\t''
 text\t''"
 complete -c orchctl -n "__fish_orchctl_using_subcommand retry" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c orchctl -n "__fish_orchctl_using_subcommand metrics" -l textfile -d 'Write DIR/orchctl.prom (temporary file + rename) instead of printing' -r -F
 complete -c orchctl -n "__fish_orchctl_using_subcommand metrics" -l db -d 'The SQLite database [default: $XDG_STATE_HOME/orchctl/orch.db]' -r -F
+complete -c orchctl -n "__fish_orchctl_using_subcommand metrics" -l db-url -d 'A PostgreSQL database shared by several agent hosts, instead of the SQLite file (postgres:// or postgresql:// URL; wins over --db). Prefer ORCH_DB_URL with the password in ORCH_DB_PASSWORD: a command line is visible to every user' -r
 complete -c orchctl -n "__fish_orchctl_using_subcommand metrics" -l format -d 'Output format [default: text on a terminal, JSON otherwise]' -r -f -a "json\t''
 text\t''"
 complete -c orchctl -n "__fish_orchctl_using_subcommand metrics" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c orchctl -n "__fish_orchctl_using_subcommand prune" -l older-than -d 'Keep side effects and logs of the last DAYS days' -r
 complete -c orchctl -n "__fish_orchctl_using_subcommand prune" -l db -d 'The SQLite database [default: $XDG_STATE_HOME/orchctl/orch.db]' -r -F
+complete -c orchctl -n "__fish_orchctl_using_subcommand prune" -l db-url -d 'A PostgreSQL database shared by several agent hosts, instead of the SQLite file (postgres:// or postgresql:// URL; wins over --db). Prefer ORCH_DB_URL with the password in ORCH_DB_PASSWORD: a command line is visible to every user' -r
 complete -c orchctl -n "__fish_orchctl_using_subcommand prune" -l format -d 'Output format [default: text on a terminal, JSON otherwise]' -r -f -a "json\t''
 text\t''"
 complete -c orchctl -n "__fish_orchctl_using_subcommand prune" -l dry-run -d 'Count what would be deleted, delete nothing'

@@ -105,11 +105,17 @@ pub fn complete(
         // and an agent working on after its run ended would be out of every STOP's reach.
         // The agent's own `complete` (from inside its supervisor's session) is followed by
         // its exit, and the supervisor ends what is left.
+        // A run of another host cannot be looked at from here: its host is asked to stop
+        // it (and finds it gone if it ended meanwhile).
         if let (Some(pid), Some(t)) = (job.pid, job.task_id) {
-            if process::liveness(pid, job.proc_start) == Liveness::Alive
-                && !process::inside_session_of(pid)
-            {
-                outbox::enqueue(
+            let outside = if job.runs_on(ctx.host()) {
+                process::liveness(pid, job.proc_start) == Liveness::Alive
+                    && !process::inside_session_of(pid)
+            } else {
+                true
+            };
+            if outside {
+                outbox::enqueue_on(
                     w,
                     Some(t),
                     &outbox::Effect::StopProcess {
@@ -118,6 +124,7 @@ pub fn complete(
                         pid,
                         proc_start: job.proc_start,
                     },
+                    job.host.as_deref(),
                 )?;
                 w.event(
                     Some(t),
@@ -274,6 +281,14 @@ fn death(ctx: &Ctx, job: &Job, age: Option<f64>, recover: bool) -> Result<Option
     }
     let age = || -> Result<Option<f64>> { Ok(age) };
     let timeout = Duration::from_secs(ctx.config.claim_timeout_secs.max(0) as u64).as_secs_f64();
+    // A pid of an earlier boot of this host names nothing that runs now.
+    if let (Some(pid), Some(then), Some(now)) = (job.pid, &job.boot_id, process::boot_id()) {
+        if *then != now {
+            return Ok(Some(format!(
+                "agent pid {pid} was launched before this host rebooted"
+            )));
+        }
+    }
     match job.pid {
         Some(pid) => match process::liveness(pid, job.proc_start) {
             Liveness::Alive => Ok(None),
@@ -329,8 +344,28 @@ pub fn reap_unknown_outcome(w: &Writer, job: &Job, reason: &str) -> Result<Optio
     Ok(Some(action.into()))
 }
 
+/// Whether this host's reap judges `job` (SPEC §12): a run with a recorded process only on
+/// the host that launched it (its pid means nothing elsewhere); a pid-less run, judged by
+/// age, on any host — except at boot (`--recover`), which is about this host's runs only.
+fn judged_here(ctx: &Ctx, job: &Job, recover: bool) -> bool {
+    if job.pid.is_some() || recover {
+        job.runs_on(ctx.host())
+    } else {
+        true
+    }
+}
+
 pub fn reap(ctx: &Ctx, opts: ReapOptions) -> Result<ReapReport> {
-    let running = ctx.store.read(|r| r.running_jobs_aged())?;
+    // Kills other hosts' STOPs left to this one, first: their runs end here.
+    if !opts.dry_run {
+        outbox::run_host_effects(ctx)?;
+    }
+    let running: Vec<(Job, Option<f64>)> = ctx
+        .store
+        .read(|r| r.running_jobs_aged())?
+        .into_iter()
+        .filter(|(job, _)| judged_here(ctx, job, opts.recover))
+        .collect();
     let mut report = ReapReport {
         dry_run: opts.dry_run,
         checked: running.len(),

@@ -82,7 +82,13 @@ impl Ctx {
     pub fn open_target(target: &DbTarget, config: Config) -> Result<Ctx> {
         let store = match target {
             DbTarget::Sqlite(db) => Store::open(db, config.busy_timeout_ms)?,
-            DbTarget::Postgres(_) => anyhow::bail!("the PostgreSQL backend is not built yet"),
+            DbTarget::Postgres(url) => Store::Postgres(store::pg::PgStore::open(
+                url,
+                config.db_password.as_ref().map(config::Secret::expose),
+                config.busy_timeout_ms,
+                &config.host_id,
+                integrations::process::boot_id().as_deref(),
+            )?),
         };
         Ok(Ctx {
             store,

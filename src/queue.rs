@@ -170,6 +170,20 @@ pub fn snapshot(ctx: &Ctx, recent: i64) -> Value {
             block(&mut out, "awaiting", awaiting_minimal(), || {
                 awaiting_block(r, recent)
             });
+            // The hosts sharing a PostgreSQL database (SPEC §12): a list like `recent`,
+            // with its error beside it when it cannot be read.
+            if matches!(ctx.store, Store::Postgres(_)) {
+                match r.hosts(c.host_dead_secs) {
+                    Ok(hosts) => {
+                        out.insert("hosts".into(), json!(hosts));
+                    }
+                    Err(e) => {
+                        out.insert("hosts".into(), json!([]));
+                        let errors = out.entry("errors").or_insert_with(|| json!({}));
+                        errors["hosts"] = json!(format!("{e:#}"));
+                    }
+                }
+            }
             Ok(())
         })
         .ok();

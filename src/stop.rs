@@ -120,8 +120,11 @@ impl PartialEq<&str> for StopNote {
 pub struct StopResult {
     pub ok: bool,
     pub deferred: bool,
-    /// Agent processes actually stopped.
+    /// Agent processes actually stopped (by this host).
     pub stopped: usize,
+    /// Agents left to the hosts that launched them (SPEC §12): their next `dispatch`,
+    /// `reap`, `reconcile` or `stop` stops them, then the worktree and branch go.
+    pub remote_pending: usize,
     pub jobs_cancelled: usize,
     pub note: StopNote,
     pub task: Option<Task>,
@@ -176,6 +179,7 @@ fn no_task(reference: &str) -> StopResult {
         ok: true,
         deferred: false,
         stopped: 0,
+        remote_pending: 0,
         jobs_cancelled: 0,
         note: StopNote::NoTask,
         task: None,
@@ -234,6 +238,8 @@ pub fn cancel_task_if(
         Decision::Reset { jobs_cancelled } => (false, jobs_cancelled, StopNote::Cancelled),
     };
     let effects = outbox::run_for_task(ctx, task_id)?;
+    // Any stop also carries out what other hosts' STOPs left to this one.
+    outbox::run_host_effects(ctx)?;
     let (task, dependents) = ctx
         .store
         .read(|r| Ok((r.task(task_id)?, r.dependents(task_id)?)))?;
@@ -241,6 +247,7 @@ pub fn cancel_task_if(
         ok: true,
         deferred,
         stopped: effects.iter().filter(|e| e.stopped_an_agent()).count(),
+        remote_pending: effects.iter().filter(|e| e.left_to_another_host()).count(),
         jobs_cancelled,
         note,
         task,
@@ -362,54 +369,86 @@ fn reset_tx(
         None => false,
     };
 
-    let mut effects = Vec::new();
+    // Each effect with the host that must carry it out: an agent is stopped only by
+    // orchctl on the host that launched it (SPEC §12), a worktree removed by the host that
+    // holds it; `None` is any host.
+    let me = config.host_id.as_str();
+    let mut effects: Vec<(Effect, Option<String>)> = Vec::new();
     for job in cancelled.iter().filter(|j| j.status == JobStatus::Running) {
         if let Some(pid) = job.pid {
-            effects.push(Effect::StopProcess {
-                job_id: job.id,
-                run_id: job.run_id,
-                pid,
-                proc_start: job.proc_start,
-            });
-        }
-    }
-    // A run that ended while its processes live on (its deployer marked done by
-    // finalize-deploy, an agent still exiting after its `complete`) is stopped too: the
-    // task's agents all go, not only those of its running jobs.
-    for job in w.jobs_of_task(task.id)? {
-        let stopping = effects
-            .iter()
-            .any(|e| matches!(e, Effect::StopProcess { job_id, .. } if *job_id == job.id));
-        if let (false, Some(pid)) = (stopping, job.pid) {
-            if process::liveness(pid, job.proc_start) == process::Liveness::Alive {
-                effects.push(Effect::StopProcess {
+            effects.push((
+                Effect::StopProcess {
                     job_id: job.id,
                     run_id: job.run_id,
                     pid,
                     proc_start: job.proc_start,
-                });
+                },
+                job.host.clone(),
+            ));
+        }
+    }
+    // A run that ended while its processes live on (its deployer marked done by
+    // finalize-deploy, an agent still exiting after its `complete`) is stopped too: the
+    // task's agents all go, not only those of its running jobs. Only this host's can be
+    // looked at; another host's supervisor ends its own run's leftovers.
+    let jobs = w.jobs_of_task(task.id)?;
+    for job in &jobs {
+        let stopping = effects
+            .iter()
+            .any(|(e, _)| matches!(e, Effect::StopProcess { job_id, .. } if *job_id == job.id));
+        if let (false, Some(pid), true) = (stopping, job.pid, job.runs_on(me)) {
+            if process::liveness(pid, job.proc_start) == process::Liveness::Alive {
+                effects.push((
+                    Effect::StopProcess {
+                        job_id: job.id,
+                        run_id: job.run_id,
+                        pid,
+                        proc_start: job.proc_start,
+                    },
+                    job.host.clone(),
+                ));
             }
         }
     }
     if let Some(branch) = &task.branch {
-        effects.push(Effect::RemoveWorktree {
-            repo: task.repo.clone(),
-            branch: branch.clone(),
-        });
-        effects.push(Effect::DeleteRemoteBranch {
-            repo: task.repo.clone(),
-            branch: branch.clone(),
-            // What the branch points at now, so a retry never deletes later pushes.
-            commit: crate::names::validate_repo(&task.repo).ok().and_then(|()| {
-                crate::integrations::git::recorded_commit(
-                    &config.repos_dir.join(&task.repo),
-                    branch,
-                )
-            }),
-        });
+        // The worktree is where the task's agents ran: on each host that claimed one of its
+        // runs (and anywhere, for a task whose runs no host recorded).
+        let mut hosts: Vec<Option<String>> = jobs
+            .iter()
+            .filter(|j| j.host.is_some())
+            .map(|j| j.host.clone())
+            .collect();
+        hosts.sort();
+        hosts.dedup();
+        if hosts.is_empty() {
+            hosts.push(None);
+        }
+        for host in hosts {
+            effects.push((
+                Effect::RemoveWorktree {
+                    repo: task.repo.clone(),
+                    branch: branch.clone(),
+                },
+                host,
+            ));
+        }
+        effects.push((
+            Effect::DeleteRemoteBranch {
+                repo: task.repo.clone(),
+                branch: branch.clone(),
+                // What the branch points at now, so a retry never deletes later pushes.
+                commit: crate::names::validate_repo(&task.repo).ok().and_then(|()| {
+                    crate::integrations::git::recorded_commit(
+                        &config.repos_dir.join(&task.repo),
+                        branch,
+                    )
+                }),
+            },
+            None,
+        ));
     }
-    for e in &effects {
-        outbox::enqueue(w, Some(task.id), e)?;
+    for (e, host) in &effects {
+        outbox::enqueue_on(w, Some(task.id), e, host.as_deref())?;
     }
     let mut detail = json!({
         "reason": reason,
@@ -418,7 +457,7 @@ fn reset_tx(
         "jobs_cancelled": cancelled.iter().map(|j| j.id).collect::<Vec<_>>(),
         "lease_released": lease_released,
         "marker_cleared": marker_cleared,
-        "effects": effects.iter().map(Effect::kind).collect::<Vec<_>>(),
+        "effects": effects.iter().map(|(e, _)| e.kind()).collect::<Vec<_>>(),
     });
     let message = if after_deploy {
         detail["deployed_before_stop"] = json!(true);

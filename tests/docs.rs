@@ -285,7 +285,7 @@ fn man_synopsis_lines_show_values_choices_and_the_trailing_command() {
         let mut lines = text.lines().skip_while(|l| l.trim() != "SYNOPSIS").skip(1);
         lines.next().unwrap_or_default().trim().to_string()
     };
-    let globals = "orchctl [--db PATH] [--format json|text]";
+    let globals = "orchctl [--db PATH | --db-url URL] [--format json|text]";
     for (page, want) in [
         ("orchctl", format!("{globals} COMMAND")),
         (

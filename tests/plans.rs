@@ -19,11 +19,11 @@ use orchctl::{metrics, prune, queue, reconcile, Ctx};
 use crate::common::Env;
 
 /// A recorded launch on this machine (pid, start time).
-fn launch(pid: i64, proc_start: i64) -> orchctl::store::Launch {
+fn launch(ctx: &Ctx, pid: i64, proc_start: i64) -> orchctl::store::Launch {
     orchctl::store::Launch {
         pid,
         proc_start,
-        host: "this-host".into(),
+        host: ctx.host().into(),
         boot_id: None,
     }
 }
@@ -343,7 +343,7 @@ fn stop_never_scans_history() {
     let c = env.ctx();
     let running = claim::claim(&c, &ClaimRequest::default()).unwrap().unwrap();
     c.store
-        .write(|w| w.record_launch(running.id, running.run_id, &launch(999_999, 1)))
+        .write(|w| w.record_launch(running.id, running.run_id, &launch(&c, 999_999, 1)))
         .unwrap();
     drop(c);
     let critical = env.make_task("PL-9", "ORCH-9", "deploy", None);
@@ -376,13 +376,13 @@ fn reap_never_scans_history() {
     // A dead agent, a run without a pid (judged by age), and a run of a cancelled task.
     let dead = claim::claim(&c, &ClaimRequest::default()).unwrap().unwrap();
     c.store
-        .write(|w| w.record_launch(dead.id, dead.run_id, &launch(999_999, 1)))
+        .write(|w| w.record_launch(dead.id, dead.run_id, &launch(&c, 999_999, 1)))
         .unwrap();
     claim::claim(&c, &ClaimRequest::default()).unwrap().unwrap();
     let doomed = claim::claim(&c, &ClaimRequest::default()).unwrap().unwrap();
     c.store
         .write(|w| {
-            w.record_launch(doomed.id, doomed.run_id, &launch(999_998, 1))?;
+            w.record_launch(doomed.id, doomed.run_id, &launch(&c, 999_998, 1))?;
             w.mark_task_cancelled(doomed.task_id.unwrap(), "test")
         })
         .unwrap();

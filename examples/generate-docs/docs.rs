@@ -89,9 +89,26 @@ pub fn synopsis(cmd: &clap::Command) -> Vec<Inline> {
         .filter(visible)
         .filter(|a| a.is_global_set())
         .collect();
-    for a in &globals {
+    // The two places the state can live are alternatives (`[--db PATH | --db-url URL]`,
+    // SPEC §11): the URL wins when both are given.
+    let mut i = 0;
+    while i < globals.len() {
         line.push(roman(" "));
-        line.extend(option(a, true));
+        let a = globals[i];
+        match globals.get(i + 1) {
+            Some(b) if a.get_id() == "db" && b.get_id() == "db_url" => {
+                line.push(roman("["));
+                line.extend(option(a, false));
+                line.push(roman(" | "));
+                line.extend(option(b, false));
+                line.push(roman("]"));
+                i += 2;
+            }
+            _ => {
+                line.extend(option(a, true));
+                i += 1;
+            }
+        }
     }
     for w in words {
         line.push(roman(" "));

@@ -13,6 +13,7 @@ use anyhow::Result;
 use serde::Serialize;
 use serde_json::json;
 
+use crate::jobs;
 use crate::outbox::{self, OutboxPass};
 use crate::stop;
 use crate::Ctx;
@@ -29,6 +30,10 @@ pub struct ReconcileReport {
     pub deferred_applied: usize,
     pub deferred_waiting: usize,
     pub leases_released: usize,
+    /// Hosts this pass judged dead (unseen for `ORCH_HOST_DEAD_SECS`, SPEC §12): their runs
+    /// got the unknown-outcome rules, the effects bound to them failed.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub hosts_dead: Vec<String>,
     pub outbox: OutboxPass,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub plane: Option<plane::PlanePass>,
@@ -83,6 +88,11 @@ pub fn reconcile(ctx: &Ctx) -> Result<ReconcileReport> {
         }
     }
 
+    match dead_hosts(ctx) {
+        Ok(dead) => report.hosts_dead = dead,
+        Err(e) => fail(&mut report, None, e),
+    }
+
     if ctx.config.plane.is_some() {
         match plane::plane_pass(ctx) {
             Ok(p) => {
@@ -100,4 +110,62 @@ pub fn reconcile(ctx: &Ctx) -> Result<ReconcileReport> {
         Err(e) => fail(&mut report, None, e),
     }
     Ok(report)
+}
+
+/// Judges the hosts unseen for `ORCH_HOST_DEAD_SECS` dead (SPEC §12), each once and in one
+/// transaction: its running jobs get the unknown-outcome rules of §5 (as reap gives a dead
+/// run), the effects bound to it (kills, worktree removals) are failed with the reason —
+/// they show in `queue` — and the unbound effects that waited for them (the remote branch
+/// deletion, the notifications) proceed in this pass's outbox run. Returns the hosts.
+fn dead_hosts(ctx: &Ctx) -> Result<Vec<String>> {
+    let secs = ctx.config.host_dead_secs;
+    let candidates: Vec<String> = ctx.store.read(|r| {
+        Ok(r.hosts(secs)?
+            .into_iter()
+            .filter(|h| !h.alive && h.dead_since.is_none() && h.id != ctx.host())
+            .map(|h| h.id)
+            .collect())
+    })?;
+    let mut dead = Vec::new();
+    for host in candidates {
+        let reason =
+            format!("host {host} unseen for more than ORCH_HOST_DEAD_SECS={secs} s: judged dead");
+        let touched = ctx.store.write(|w| {
+            if !w.mark_host_dead(&host, secs)? {
+                return Ok(None);
+            }
+            let mut touched = Vec::new();
+            for (job, _) in w.running_jobs_aged()? {
+                if job.host.as_deref() != Some(host.as_str()) {
+                    continue;
+                }
+                jobs::reap_unknown_outcome(w, &job, &reason)?;
+                if let Some(t) = job.task_id {
+                    stop::apply_deferred_tx(w, &ctx.config, t)?;
+                    touched.push(t);
+                }
+            }
+            for row in w.fail_effects_of_host(&host, &reason)? {
+                w.event(
+                    row.task_id,
+                    &row.kind,
+                    &json!({ "outbox_id": row.id, "status": "failed", "error": reason, "host": host }),
+                )?;
+                if let Some(t) = row.task_id {
+                    touched.push(t);
+                }
+            }
+            w.event(None, "host_dead", &json!({ "host": host, "reason": reason }))?;
+            Ok(Some(touched))
+        })?;
+        if let Some(mut touched) = touched {
+            touched.sort_unstable();
+            touched.dedup();
+            for t in touched {
+                outbox::run_for_task(ctx, t)?;
+            }
+            dead.push(host);
+        }
+    }
+    Ok(dead)
 }

@@ -250,6 +250,39 @@ pub fn url_passwords(url: &str) -> Vec<String> {
     out
 }
 
+/// `ORCH_DB_URL` as a child process gets it (SPEC §12: agents call `orchctl complete`):
+/// the user and everything else kept, the password — in the user info or a `password=`
+/// parameter — taken out.
+pub fn db_url_without_password(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(authority_end);
+    let authority = match authority.rsplit_once('@') {
+        Some((userinfo, host)) => match userinfo.split_once(':') {
+            Some((user, _)) => format!("{user}@{host}"),
+            None => format!("{userinfo}@{host}"),
+        },
+        None => authority.to_string(),
+    };
+    let tail = match tail.split_once('?') {
+        Some((path, query)) => {
+            let kept: Vec<&str> = query
+                .split('&')
+                .filter(|kv| !kv.is_empty() && !kv.starts_with("password="))
+                .collect();
+            if kept.is_empty() {
+                path.to_string()
+            } else {
+                format!("{path}?{}", kept.join("&"))
+            }
+        }
+        None => tail.to_string(),
+    };
+    format!("{scheme}://{authority}{tail}")
+}
+
 fn url_password_raw(url: &str) -> Option<String> {
     let rest = url.split_once("://").map(|(_, r)| r)?;
     let authority = rest.split(['/', '?']).next().unwrap_or("");
@@ -752,6 +785,28 @@ mod tests {
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
         Config::from_lookup(&move |k| map.get(k).cloned())
+    }
+
+    #[test]
+    fn a_database_url_loses_its_password_and_keeps_the_rest() {
+        assert_eq!(
+            db_url_without_password("postgresql://orch:s3cret@db:5432/o?sslmode=require"),
+            "postgresql://orch@db:5432/o?sslmode=require"
+        );
+        assert_eq!(
+            db_url_without_password("postgres:///o?host=/run/pg&password=s3cret&user=orch"),
+            "postgres:///o?host=/run/pg&user=orch"
+        );
+        assert_eq!(
+            db_url_without_password("postgresql://db/o"),
+            "postgresql://db/o"
+        );
+        assert_eq!(
+            url_passwords("postgresql://orch:p%40ss@db/o"),
+            ["p%40ss", "p@ss"]
+        );
+        assert_eq!(url_passwords("postgres:///o?password=x&host=/s"), ["x"]);
+        assert!(url_passwords("postgresql://orch@db/o").is_empty());
     }
 
     #[test]

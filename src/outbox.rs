@@ -286,6 +286,7 @@ impl Ending<'_> {
                 result.as_deref(),
                 error.as_deref(),
                 self.attempt,
+                me.host.as_deref(),
             )?;
         }
         Ok(())
@@ -358,7 +359,15 @@ pub fn run_rows(ctx: &Ctx, rows: &[OutboxRow]) -> Result<Vec<EffectReport>> {
                     e.write(w, &me)?;
                 }
                 if w.fail_effect(row.id, &error)? {
-                    log_end(w, row, "failed", None, Some(&error), row.attempts)?;
+                    log_end(
+                        w,
+                        row,
+                        "failed",
+                        None,
+                        Some(&error),
+                        row.attempts,
+                        me.host.as_deref(),
+                    )?;
                 }
                 Ok(())
             })?;
@@ -461,6 +470,8 @@ fn report(
     }
 }
 
+/// Writes how an effect ended to its task's log, with the host that ran it (on several
+/// hosts, who stopped the agent matters).
 fn log_end(
     w: &Writer,
     row: &OutboxRow,
@@ -468,8 +479,12 @@ fn log_end(
     result: Option<&str>,
     error: Option<&str>,
     attempts: i64,
+    host: Option<&str>,
 ) -> Result<()> {
     let mut detail = json!({ "outbox_id": row.id, "status": status, "attempts": attempts });
+    if let Some(h) = host {
+        detail["host"] = json!(h);
+    }
     if let Some(r) = result {
         detail["result"] = json!(r);
     }

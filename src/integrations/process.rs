@@ -765,6 +765,11 @@ fn scrub_child_env(cmd: &mut Command) {
             continue;
         }
         match value.to_str() {
+            // The database URL keeps its user (an agent may report with `orchctl complete`
+            // through peer authentication or a ~/.pgpass of its own), never its password.
+            Some(v) if name == "ORCH_DB_URL" => {
+                cmd.env(&name, crate::config::db_url_without_password(v));
+            }
             Some(v) => {
                 if let Some(clean) = super::http::without_userinfo(v) {
                     cmd.env(&name, clean);

@@ -368,17 +368,16 @@ fn parse_url(url: &str) -> Result<(postgres::Config, bool, Option<String>)> {
 
 /// The database, for people: `postgresql://user@host:port/db`, never a password.
 fn describe(config: &postgres::Config) -> String {
-    let host = match config.get_hosts().first() {
-        Some(postgres::config::Host::Tcp(h)) => h.clone(),
-        Some(postgres::config::Host::Unix(p)) => p.display().to_string(),
-        None => "localhost".into(),
-    };
+    let user = config.get_user().unwrap_or("");
+    let db = config.get_dbname().unwrap_or("");
     let port = config.get_ports().first().copied().unwrap_or(5432);
-    format!(
-        "postgresql://{}@{host}:{port}/{}",
-        config.get_user().unwrap_or(""),
-        config.get_dbname().unwrap_or("")
-    )
+    match config.get_hosts().first() {
+        Some(postgres::config::Host::Unix(p)) => {
+            format!("postgresql://{user}@/{db}?host={}", p.display())
+        }
+        Some(postgres::config::Host::Tcp(h)) => format!("postgresql://{user}@{h}:{port}/{db}"),
+        None => format!("postgresql://{user}@localhost:{port}/{db}"),
+    }
 }
 
 impl PgStore {

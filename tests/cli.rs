@@ -187,8 +187,7 @@ fn errors_are_one_line_with_a_hint_and_the_contract_exit_code() {
 
     // 75: the database stays busy past ORCH_BUSY_TIMEOUT_MS.
     {
-        let holder = env.sql();
-        holder.execute_batch("BEGIN IMMEDIATE").unwrap();
+        let holder = env.hold_busy();
         env.set("ORCH_BUSY_TIMEOUT_MS", "100");
         let e = fails(
             &env,
@@ -196,7 +195,7 @@ fn errors_are_one_line_with_a_hint_and_the_contract_exit_code() {
             75,
         );
         assert!(e.contains("hint: the database stayed busy"), "{e}");
-        holder.execute_batch("ROLLBACK").unwrap();
+        holder.release();
         env.unset("ORCH_BUSY_TIMEOUT_MS");
     }
 
@@ -208,16 +207,14 @@ fn errors_are_one_line_with_a_hint_and_the_contract_exit_code() {
     env.set("ORCH_GITEA_URL", "http://gitea.invalid");
     fails(&env, &["queue"], 78);
     env.unset("ORCH_GITEA_URL");
-    env.sql()
-        .execute_batch("PRAGMA user_version = 999")
-        .unwrap();
+    env.db().set_schema_version(999);
     let e = fails(&env, &["queue"], 78);
     assert!(e.contains("newer than this orchctl"), "{e}");
-    let raw = rusqlite::Connection::open(&env.db).unwrap();
-    let version: i64 = raw
-        .query_row("PRAGMA user_version", [], |r| r.get(0))
-        .unwrap();
-    assert_eq!(version, 999, "the newer database was touched");
+    assert_eq!(
+        env.db_raw().schema_version(),
+        999,
+        "the newer database was touched"
+    );
 }
 
 #[test]
@@ -301,8 +298,8 @@ fn switch_variables_turn_switches_on_and_off_words_leave_them_off() {
 /// SPEC §2: without `--db`/ORCH_DB_PATH the database is `$XDG_STATE_HOME/orchctl/orch.db`,
 /// else `~/.local/state/orchctl/orch.db`, its folders created.
 #[test]
-fn the_default_database_path_follows_xdg_state_home_then_home() {
-    let mut env = Env::new();
+fn sqlite_only_the_default_database_path_follows_xdg_state_home_then_home() {
+    let mut env = Env::sqlite();
     env.unset("ORCH_DB_PATH");
     let xdg = env.path().join("xdg/deep/state");
     env.set("XDG_STATE_HOME", xdg.to_str().unwrap());
@@ -338,7 +335,12 @@ fn empty_flag_variables_count_as_unset() {
     }
     let v = env.json(&["queue"]);
     assert!(v["counts"].is_object(), "{v}");
-    assert!(xdg.join("orchctl/orch.db").is_file());
+    if env.is_postgres() {
+        // SPEC §12: the URL wins, so no SQLite file, not even the default one.
+        assert!(!xdg.join("orchctl/orch.db").exists());
+    } else {
+        assert!(xdg.join("orchctl/orch.db").is_file());
+    }
     assert_eq!(
         env.run(&["claim"]).0,
         3,

@@ -1,6 +1,6 @@
 //! Agents that run by themselves (issue 11, SPEC §13): `orchctl dispatch`, the supervisor
 //! of every run, and the worktrees orchctl owns — against real agent processes, a real
-//! SQLite file and real git (a temp bare remote and its clone).
+//! database and real git (a temp bare remote and its clone).
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -8,7 +8,7 @@ use std::time::Duration;
 use serde_json::Value;
 
 use crate::common::{alive, group_members, Env, GitRepo, GroupGuard, RecordedRuns};
-use crate::fault::{dump, script, wait_until, Bg};
+use crate::fault::{script, wait_until, Bg};
 
 const REPO: &str = "orchestrator";
 
@@ -27,13 +27,10 @@ fn add(env: &Env, work_item: &str, stage: &str) -> (i64, Option<i64>) {
 }
 
 fn job(env: &Env, id: i64) -> (String, Option<String>, i64) {
-    env.sql()
-        .query_row(
-            "SELECT status, error, attempts FROM jobs WHERE id = ?1",
-            [id],
-            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-        )
-        .unwrap()
+    env.db().one(
+        "SELECT status, error, attempts FROM jobs WHERE id = ?1",
+        [id],
+    )
 }
 
 fn stage(env: &Env, task: i64) -> String {
@@ -162,7 +159,7 @@ fn dry_run_shows_what_would_be_launched_and_changes_nothing() {
     let (_, dev) = add(&env, "ORCH-3", "development");
     let (_, an) = add(&env, "ORCH-4", "analysis");
     add(&env, "ORCH-5", "development");
-    let before = dump(&env.db);
+    let before = env.dump();
 
     let v = env.json(&["dispatch", "--dry-run"]);
 
@@ -180,7 +177,7 @@ fn dry_run_shows_what_would_be_launched_and_changes_nothing() {
     );
     assert_eq!(v["waiting"], serde_json::json!({ "developer": 1 }));
     assert_eq!(v["slots"]["developer"]["running"], 1);
-    assert_eq!(dump(&env.db), before, "the database is unchanged");
+    assert_eq!(env.dump(), before, "the database is unchanged");
     assert!(!env.logs.exists(), "no run was started, no log written");
     assert!(!worktrees_dir(&env).exists());
     // ...and the real pass launches exactly what the dry run showed.
@@ -238,22 +235,18 @@ fn the_waiting_count_is_what_claim_could_take() {
     assert!(v["job"]["id"].is_i64());
     add(&env, "ORCH-12", "development");
     let (pending, _) = add(&env, "ORCH-13", "development");
-    env.sql()
-        .execute(
-            "UPDATE tasks SET cancel_requested_at = '2026-01-01T00:00:00Z' WHERE id = ?1",
-            [pending],
-        )
-        .unwrap();
+    env.db().execute(
+        "UPDATE tasks SET cancel_requested_at = '2026-01-01T00:00:00Z' WHERE id = ?1",
+        [pending],
+    );
     for (wi, branch) in [("ORCH-14", "feature/a"), ("ORCH-15", "feature/b")] {
         let t = env.make_task(&format!("PL-{wi}"), wi, "deploy", Some(branch));
         env.make_job_full(t, "deployer", "queued", None, None, None, 0, 2);
     }
-    env.sql()
-        .execute(
-            "INSERT INTO merge_leases (repo, branch, task_id) VALUES (?1, 'feature/a', NULL)",
-            [REPO],
-        )
-        .unwrap();
+    env.db().execute(
+        "INSERT INTO merge_leases (repo, branch, task_id) VALUES (?1, 'feature/a', NULL)",
+        [REPO],
+    );
     let ctx = env.ctx();
     let filter = orchctl::store::ClaimFilter {
         agents: vec![],
@@ -326,14 +319,10 @@ fn an_agent_that_exits_3_records_exit_status_3_and_is_requeued_while_attempts_re
         job(&env, dev),
         ("failed".into(), Some("exit status 3".into()), 2)
     );
-    let requeued: Vec<String> = env
-        .sql()
-        .prepare("SELECT detail FROM task_events WHERE task_id = ?1 AND kind = 'job_requeued'")
-        .unwrap()
-        .query_map([tid], |r| r.get(0))
-        .unwrap()
-        .map(Result::unwrap)
-        .collect();
+    let requeued: Vec<String> = env.db().values(
+        "SELECT detail FROM task_events WHERE task_id = ?1 AND kind = 'job_requeued'",
+        [tid],
+    );
     assert_eq!(requeued.len(), 1, "{requeued:?}");
     assert!(requeued[0].contains("exit status 3"), "{requeued:?}");
     assert_eq!(stage(&env, tid), "development");
@@ -834,14 +823,17 @@ fn the_agent_cannot_read_the_supervisors_tokens() {
     env.set("ORCH_GITEA_TOKEN", token);
     add(&env, "ORCH-81", "development");
     let nobody = "65534";
-    for p in [env.path(), env.db.parent().unwrap()] {
-        std::os::unix::fs::chown(p, Some(65534), Some(65534)).unwrap();
-    }
-    std::os::unix::fs::chown(&env.db, Some(65534), Some(65534)).unwrap();
-    for suffix in ["-wal", "-shm"] {
-        let f = PathBuf::from(format!("{}{suffix}", env.db.display()));
-        if f.exists() {
-            std::os::unix::fs::chown(&f, Some(65534), Some(65534)).unwrap();
+    // The SQLite file and its folder, when the database is one (PostgreSQL's socket is
+    // open to every local user).
+    for p in [
+        env.path().to_path_buf(),
+        env.db.parent().unwrap().to_path_buf(),
+        env.db.clone(),
+        PathBuf::from(format!("{}-wal", env.db.display())),
+        PathBuf::from(format!("{}-shm", env.db.display())),
+    ] {
+        if p.exists() {
+            std::os::unix::fs::chown(&p, Some(65534), Some(65534)).unwrap();
         }
     }
     let seen = env.path().join("seen.txt");
@@ -868,8 +860,11 @@ fn the_agent_cannot_read_the_supervisors_tokens() {
         "XDG_STATE_HOME",
         "PATH",
         "ORCH_GITEA_TOKEN",
+        "ORCH_DB_URL",
     ] {
-        cmd.env(k, env.var(k).unwrap());
+        if let Some(v) = env.var(k) {
+            cmd.env(k, v);
+        }
     }
     let out = cmd.output().expect("setpriv (util-linux) is needed");
     assert!(
@@ -992,9 +987,8 @@ fn a_dependency_finished_by_another_tool_frees_its_dependent_for_the_next_claim(
         1
     );
     assert_eq!(env.run(&["claim", "--agent", "developer"]).0, 3);
-    env.sql()
-        .execute("UPDATE tasks SET stage = 'done' WHERE id = ?1", [dep])
-        .unwrap();
+    env.db()
+        .execute("UPDATE tasks SET stage = 'done' WHERE id = ?1", [dep]);
     let c = env.json(&["claim", "--agent", "developer"]);
     assert_eq!(c["id"].as_i64(), Some(job));
 }

@@ -110,34 +110,26 @@ fn ok(env: &Env, body: &[u8]) -> Value {
 }
 
 fn agents_of(env: &Env, task: i64) -> Vec<String> {
-    let c = env.sql();
-    let mut s = c
-        .prepare("SELECT agent || ':' || status FROM jobs WHERE task_id = ?1 ORDER BY id")
-        .unwrap();
-    let rows = s.query_map([task], |r| r.get(0)).unwrap();
-    rows.map(Result::unwrap).collect()
+    env.db().values(
+        "SELECT agent || ':' || status FROM jobs WHERE task_id = ?1 ORDER BY id",
+        [task],
+    )
 }
 
 pub(crate) fn set_project(env: &Env, task: i64, project: &str) {
-    env.sql()
-        .execute(
-            "UPDATE tasks SET project_id = ?1 WHERE id = ?2",
-            rusqlite::params![project, task],
-        )
-        .unwrap();
+    env.db().execute(
+        "UPDATE tasks SET project_id = ?1 WHERE id = ?2",
+        (project, task),
+    );
 }
 
 /// Every row that a delivery could write, for "nothing written" checks.
 fn snapshot(env: &Env) -> Vec<String> {
-    let c = env.sql();
-    let q = |sql: &str| -> String {
-        c.query_row(sql, [], |r| r.get::<_, Option<String>>(0))
-            .unwrap()
-            .unwrap_or_default()
-    };
+    let c = env.db();
+    let q = |sql: &str| -> String { c.values::<String>(sql, ()).join(";") };
     let mut out = vec![
-        q("SELECT group_concat(id || '|' || stage || '|' || coalesce(plane_id, '') || '|' || coalesce(cancel_requested_at, ''), ';') FROM tasks"),
-        q("SELECT group_concat(id || '|' || status, ';') FROM jobs"),
+        q("SELECT id || '|' || stage || '|' || coalesce(plane_id, '') || '|' || coalesce(cancel_requested_at, '') FROM tasks ORDER BY id"),
+        q("SELECT id || '|' || status FROM jobs ORDER BY id"),
     ];
     for t in [
         "task_events",

@@ -5,7 +5,7 @@
 //! modest case counts); the cases where the process itself matters (stack depth, the 1 MiB
 //! stdin limit, exit codes, stderr, timing, two processes at once) go through the real
 //! binary. "Nothing written" is checked on every row of every table, and through the binary
-//! on the database file's bytes.
+//! on SQLite on the database file's bytes too.
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
@@ -20,7 +20,7 @@ use proptest::prelude::*;
 use proptest::test_runner::{Config as PtConfig, TestCaseError, TestRunner};
 use serde_json::{json, Value};
 
-use crate::common::{Agent, Env, GitRepo};
+use crate::common::{Agent, Env, GitRepo, Snapshot, TestDb};
 use crate::event::{
     api, bytes, fixture, fixture_json, issue_id, sign, states_mock, to_state, to_state_stale,
     with_plane, APPROVED, ISSUE, PROJECT, SECRET, STOP, TOKEN, TO_ANALYSE, WORKSPACE,
@@ -29,58 +29,29 @@ use crate::event::{
 // ------------------------------------------------------------------------------ helpers
 
 /// Every row of every table (and the schema version), as text.
-fn dump_with(c: &rusqlite::Connection) -> BTreeMap<String, Vec<String>> {
-    let mut out = BTreeMap::new();
-    let version: i64 = c
-        .query_row("PRAGMA user_version", [], |r| r.get(0))
-        .unwrap();
-    out.insert("user_version".into(), vec![version.to_string()]);
-    let tables: Vec<String> = c
-        .prepare("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")
-        .unwrap()
-        .query_map([], |r| r.get(0))
-        .unwrap()
-        .map(Result::unwrap)
-        .collect();
-    for t in tables {
-        let mut stmt = c.prepare(&format!("SELECT * FROM \"{t}\"")).unwrap();
-        let n = stmt.column_count();
-        let mut rows: Vec<String> = stmt
-            .query_map([], |r| {
-                Ok((0..n)
-                    .map(|i| format!("{:?}", r.get_ref(i).unwrap()))
-                    .collect::<Vec<_>>()
-                    .join("|"))
-            })
-            .unwrap()
-            .map(Result::unwrap)
-            .collect();
-        rows.sort();
-        out.insert(t, rows);
-    }
+fn dump_with(c: &TestDb) -> BTreeMap<String, Vec<String>> {
+    let mut out = c.dump_tables();
+    out.insert(
+        "schema version".into(),
+        vec![c.schema_version().to_string()],
+    );
     out
 }
 
 fn dump(env: &Env) -> BTreeMap<String, Vec<String>> {
-    dump_with(&env.sql())
+    dump_with(&env.db())
 }
 
-/// The database file and its WAL, byte for byte (the `-shm` index is scratch memory).
-fn db_bytes(env: &Env) -> Vec<(String, Vec<u8>)> {
-    let mut out = Vec::new();
-    for suffix in ["", "-wal", "-journal"] {
-        let p = PathBuf::from(format!("{}{suffix}", env.db.display()));
-        if let Ok(b) = std::fs::read(&p) {
-            out.push((suffix.to_string(), b));
-        }
-    }
-    out
+/// "Nothing written": every row, and on SQLite the database file and its write-ahead log
+/// byte for byte (the `-shm` index is scratch memory).
+fn state(env: &Env) -> Snapshot {
+    env.snapshot()
 }
 
 /// Opens the database once through the library (creating and migrating it) and closes
 /// every connection, so that its bytes are settled before a "nothing written" check.
 fn settle(env: &Env) {
-    drop(env.sql());
+    drop(env.db());
 }
 
 fn kind_of(r: &anyhow::Result<EventResult>) -> Option<ExitKind> {
@@ -101,7 +72,7 @@ const ACTIONS: [&str; 6] = [
 /// it was, a success has a known action.
 fn check_any(
     ctx: &orchctl::Ctx,
-    conn: &rusqlite::Connection,
+    conn: &TestDb,
     body: &[u8],
     d: &Delivery,
 ) -> Result<anyhow::Result<EventResult>, TestCaseError> {
@@ -446,7 +417,7 @@ fn arbitrary_bytes_are_refused_with_65_and_write_nothing() {
     let env = intake_env();
     env.make_task(ISSUE, "ORCH-42", "development", None);
     let ctx = env.ctx();
-    let conn = env.sql();
+    let conn = env.db();
     runner(256)
         .run(&hostile_bytes(), |body| {
             let r = check_any(&ctx, &conn, &body, &no_headers())?;
@@ -464,7 +435,7 @@ fn with_a_secret_every_unsigned_or_forged_body_is_77_before_it_is_parsed() {
     env.set("ORCH_PLANE_WEBHOOK_SECRET", SECRET);
     env.make_task(ISSUE, "ORCH-42", "development", None);
     let ctx = env.ctx();
-    let conn = env.sql();
+    let conn = env.db();
     let valid = bytes(&to_state(ISSUE, STOP));
     let sig = prop_oneof![
         Just(None),
@@ -500,7 +471,7 @@ fn with_a_secret_every_unsigned_or_forged_body_is_77_before_it_is_parsed() {
 fn valid_json_that_is_not_an_object_is_65() {
     let env = intake_env();
     let ctx = env.ctx();
-    let conn = env.sql();
+    let conn = env.db();
     runner(128)
         .run(&json_value(), |v| {
             prop_assume!(!v.is_object());
@@ -519,7 +490,7 @@ fn valid_json_that_is_not_an_object_is_65() {
 fn every_path_with_every_json_type() {
     let env = intake_env();
     let ctx = env.ctx();
-    let conn = env.sql();
+    let conn = env.db();
     let samples = [
         Value::Null,
         json!(true),
@@ -560,7 +531,7 @@ fn a_wrong_type_at_each_path_through_the_binary() {
     let env = intake_env();
     env.make_task(ISSUE, "ORCH-42", "development", None);
     settle(&env);
-    let before = db_bytes(&env);
+    let before = state(&env);
     for (sites, updated) in [(UPDATED_SITES, true), (CREATED_SITES, false)] {
         for site in sites {
             let wrong = match site.accepts[0] {
@@ -589,14 +560,14 @@ fn a_wrong_type_at_each_path_through_the_binary() {
             assert!(r.stdout.is_empty());
         }
     }
-    assert_eq!(db_bytes(&env), before);
+    assert_eq!(state(&env), before);
 }
 
 #[test]
 fn arbitrary_values_at_the_paths_the_routes_read() {
     let env = intake_env();
     let ctx = env.ctx();
-    let conn = env.sql();
+    let conn = env.db();
     let seq = std::cell::Cell::new(5000i64);
     let sites = prop_oneof![
         (0..UPDATED_SITES.len()).prop_map(|i| (true, i)),
@@ -624,7 +595,7 @@ fn arbitrary_values_at_the_paths_the_routes_read() {
 fn ids_that_cannot_be_keys_and_sequence_ids_that_are_not_positive_are_65() {
     let env = intake_env();
     let ctx = env.ctx();
-    let conn = env.sql();
+    let conn = env.db();
     let cases: Vec<(Value, &str)> = vec![
         (created_base("", 1), "`data.id`"),
         (created_base("   ", 1), "`data.id`"),
@@ -671,14 +642,14 @@ fn deep_nesting_is_65_never_a_crash() {
         .into_bytes(),
     ];
     settle(&env);
-    let before = db_bytes(&env);
+    let before = state(&env);
     for body in &cases {
         assert!(body.len() < 1 << 20);
         let r = event_within(&env, body, &[], QUICK);
         assert_eq!(r.code, 65, "stderr: {}", r.stderr);
         assert!(r.stderr.contains("recursion limit"), "{}", r.stderr);
         assert_eq!(r.stderr.trim_end().lines().count(), 1, "{}", r.stderr);
-        assert_eq!(db_bytes(&env), before);
+        assert_eq!(state(&env), before);
     }
     // Through the library on a test thread's (smaller) stack as well.
     {
@@ -697,7 +668,7 @@ fn deep_nesting_is_65_never_a_crash() {
         let r = event_within(&env, body, &["--signature", &sign(body)], QUICK);
         assert_eq!(r.code, 65, "{}", r.stderr);
     }
-    assert_eq!(db_bytes(&env), before);
+    assert_eq!(state(&env), before);
     assert_eq!(env.task(task).stage, "development");
 }
 
@@ -722,7 +693,7 @@ fn huge_bodies_up_to_the_limit_work_and_beyond_it_are_65() {
     let stop = to_state(ISSUE, STOP);
     let over = padded(&stop, LIMIT + 1);
     settle(&env);
-    let before = db_bytes(&env);
+    let before = state(&env);
     let r = event_within(&env, &over, &[], QUICK);
     assert_eq!(r.code, 65, "{}", r.stderr);
     assert!(r.stderr.contains("larger than 1 MiB"), "{}", r.stderr);
@@ -731,7 +702,7 @@ fn huge_bodies_up_to_the_limit_work_and_beyond_it_are_65() {
     env.set("ORCH_PLANE_WEBHOOK_SECRET", SECRET);
     let r = event_within(&env, &over, &["--signature", &sign(&over)], QUICK);
     assert_eq!(r.code, 65, "{}", r.stderr);
-    assert_eq!(db_bytes(&env), before);
+    assert_eq!(state(&env), before);
     assert_eq!(env.task(task).stage, "development");
 
     // Exactly the limit, signed: handled.
@@ -778,7 +749,7 @@ fn non_utf8_and_non_object_bodies_through_the_binary() {
         (b"{} {}".to_vec(), "not JSON"),
     ];
     settle(&env);
-    let before = db_bytes(&env);
+    let before = state(&env);
     for (body, want) in &cases {
         let r = event_within(&env, body, &[], QUICK);
         assert_eq!(r.code, 65, "{want}: {}", r.stderr);
@@ -791,7 +762,7 @@ fn non_utf8_and_non_object_bodies_through_the_binary() {
         let r = event_within(&env, body, &["--signature", &sign(body)], QUICK);
         assert_eq!(r.code, 65, "{want}: {}", r.stderr);
     }
-    assert_eq!(db_bytes(&env), before);
+    assert_eq!(state(&env), before);
     assert_eq!(env.task(task).stage, "development");
 }
 
@@ -814,9 +785,8 @@ fn sql_looking_strings_are_stored_verbatim() {
     assert_eq!(t.plane_issue_id.as_deref(), Some(issue));
     assert_eq!(t.title.as_deref(), Some(title));
     let stored: String = env
-        .sql()
-        .query_row("SELECT delivery_id FROM plane_deliveries", [], |r| r.get(0))
-        .unwrap();
+        .db()
+        .value("SELECT delivery_id FROM plane_deliveries", ());
     assert_eq!(stored, delivery);
     // The task resolves by that id, and the tables are all still there.
     let shown = env.json(&["task", "show", issue]);
@@ -830,14 +800,10 @@ fn sql_looking_strings_are_stored_verbatim() {
     let r = event_within(&env, &bytes(&other), &["--event", name], QUICK).json();
     assert_eq!(r["action"], "ignored");
     assert_eq!(r["note"], format!("event:{name}"));
-    let stored: i64 = env
-        .sql()
-        .query_row(
-            "SELECT count(*) FROM plane_deliveries WHERE event = ?1",
-            [name],
-            |r| r.get(0),
-        )
-        .unwrap();
+    let stored: i64 = env.db().value(
+        "SELECT count(*) FROM plane_deliveries WHERE event = ?1",
+        [name],
+    );
     assert_eq!(stored, 1);
     assert_eq!(env.count("SELECT count(*) FROM tasks"), 1);
 }
@@ -1337,9 +1303,8 @@ fn the_webhook_secret_and_the_api_token_appear_in_no_output_row_or_file() {
     assert_eq!(r.code, 0, "{}", r.stderr);
     record("created", &r);
     let task = r.json()["task"]["id"].as_i64().unwrap();
-    env.sql()
-        .execute("UPDATE tasks SET stage = 'review' WHERE id = ?1", [task])
-        .unwrap();
+    env.db()
+        .execute("UPDATE tasks SET stage = 'review' WHERE id = ?1", [task]);
 
     // A refused relaunch whose comment Plane answers 401 with the token in the body, and
     // a STOP whose states lookup gets 500 with the token, then works.
@@ -1401,8 +1366,10 @@ fn the_webhook_secret_and_the_api_token_appear_in_no_output_row_or_file() {
     assert!(errors >= 1, "the comment's failure is recorded");
     let dumped = format!("{:?}", dump(&env));
     let mut files = String::new();
+    // On PostgreSQL there is no such folder: the dump above is the database.
     for e in std::fs::read_dir(env.db.parent().unwrap())
-        .unwrap()
+        .into_iter()
+        .flatten()
         .flatten()
     {
         files.push_str(&String::from_utf8_lossy(&std::fs::read(e.path()).unwrap()));
@@ -1601,8 +1568,7 @@ fn two_concurrent_deliveries_of_one_body_act_once() {
         }
         // Side effects once.
         assert_eq!(env.task(stop_task).stage, "cancelled");
-        let count =
-            |sql: &str, t: i64| -> i64 { env.sql().query_row(sql, [t], |r| r.get(0)).unwrap() };
+        let count = |sql: &str, t: i64| -> i64 { env.db().value(sql, [t]) };
         assert_eq!(
             count(
                 "SELECT count(*) FROM task_events WHERE task_id = ?1 AND kind = 'cancelled'",

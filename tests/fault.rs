@@ -1,5 +1,5 @@
 //! Fault-injection helpers shared by the reliability, hostile-input and secrets tests:
-//! a logical dump of the database, a port nobody listens on, a `git` wrapper on `PATH`
+//! a logical dump of the database (either backend), a port nobody listens on, a `git` wrapper on `PATH`
 //! that logs (and can stall) every git call orchctl makes, scripts, background orchctl
 //! processes that can be SIGKILLed mid-command, and bounded polling. Nothing here mocks
 //! orchctl's own code: the faults are in the world around it.
@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::common::Env;
+use crate::common::{Env, Snapshot};
 
 /// Polls `f` every 10 ms until it holds or `limit` passes; returns the last answer.
 pub fn wait_until(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
@@ -27,83 +27,22 @@ pub fn wait_until(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
     f()
 }
 
-/// Every table's rows (by rowid), the schema and the schema version, as text: two dumps
-/// are equal exactly when the database holds the same data.
-pub fn dump(db: &Path) -> String {
-    // A read-write connection that only reads: closing it leaves the file as it was.
-    let c = rusqlite::Connection::open(db).unwrap();
-    c.busy_timeout(Duration::from_secs(10)).unwrap();
-    let mut out = String::new();
-    let version: i64 = c
-        .query_row("PRAGMA user_version", [], |r| r.get(0))
-        .unwrap();
-    out.push_str(&format!("user_version {version}\n"));
-    let objects: Vec<(String, String, Option<String>)> = c
-        .prepare("SELECT type, name, sql FROM sqlite_master ORDER BY type, name")
-        .unwrap()
-        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
-        .unwrap()
-        .map(Result::unwrap)
-        .collect();
-    for (kind, name, sql) in &objects {
-        out.push_str(&format!(
-            "{kind} {name}: {}\n",
-            sql.as_deref().unwrap_or("")
-        ));
-    }
-    for (kind, name, _) in &objects {
-        if kind != "table" || name.starts_with("sqlite_") {
-            continue;
-        }
-        let without_rowid = objects.iter().any(|(k, n, s)| {
-            k == "table" && n == name && s.as_deref().is_some_and(|s| s.contains("WITHOUT ROWID"))
-        });
-        let order = if without_rowid { "1" } else { "rowid" };
-        let mut stmt = c
-            .prepare(&format!("SELECT * FROM \"{name}\" ORDER BY {order}"))
-            .unwrap();
-        let n = stmt.column_count();
-        let rows: Vec<String> = stmt
-            .query_map([], |r| {
-                let mut cells = Vec::with_capacity(n);
-                for i in 0..n {
-                    cells.push(format!("{:?}", r.get_ref(i)?));
-                }
-                Ok(cells.join(" | "))
-            })
-            .unwrap()
-            .map(Result::unwrap)
-            .collect();
-        out.push_str(&format!("-- {name} ({} rows)\n", rows.len()));
-        for row in rows {
-            out.push_str(&row);
-            out.push('\n');
-        }
-    }
-    out
+/// Every table's rows, the schema and the schema version, as text: two dumps are equal
+/// exactly when the database holds the same data (on either backend).
+pub fn dump(env: &Env) -> String {
+    env.dump()
 }
 
-/// The database as bytes plus its logical dump, taken with no connection left open (so the
-/// write-ahead log has been checkpointed into the main file).
-pub fn snapshot(env: &Env) -> (Vec<u8>, String) {
-    let text = dump(&env.db);
-    let wal = env.db.with_extension("db-wal");
-    assert!(
-        std::fs::metadata(&wal)
-            .map(|m| m.len() == 0)
-            .unwrap_or(true),
-        "a connection is still open on {}",
-        env.db.display()
-    );
-    (std::fs::read(&env.db).unwrap(), text)
+/// The database's logical dump, and on SQLite its bytes, taken with no connection of the
+/// harness left open (so the write-ahead log has been checkpointed into the main file).
+pub fn snapshot(env: &Env) -> Snapshot {
+    env.snapshot()
 }
 
-/// Asserts the database is byte-for-byte what `before` recorded (the dump names the
-/// difference when it is not).
-pub fn assert_unchanged(env: &Env, before: &(Vec<u8>, String), what: &str) {
-    let now = snapshot(env);
-    assert_eq!(now.1, before.1, "{what}: the database content changed");
-    assert!(now.0 == before.0, "{what}: the database file changed");
+/// Asserts the database is what `before` recorded: the same rows, and on SQLite the same
+/// bytes (the dump names the difference when there is one).
+pub fn assert_unchanged(env: &Env, before: &Snapshot, what: &str) {
+    env.assert_unchanged(before, what)
 }
 
 /// A local port with nothing listening on it (connection refused).
@@ -259,31 +198,35 @@ pub struct Row {
 }
 
 pub fn outbox(env: &Env) -> Vec<Row> {
-    let c = rusqlite::Connection::open(&env.db).unwrap();
-    c.busy_timeout(Duration::from_secs(10)).unwrap();
-    let mut s = c
-        .prepare(
+    env.db_raw()
+        .all::<(
+            i64,
+            String,
+            String,
+            i64,
+            Option<i64>,
+            Option<String>,
+            Option<String>,
+            Option<String>,
+        )>(
             "SELECT id, kind, status, attempts, claimed_pid, last_error, result, next_attempt_at
              FROM outbox ORDER BY id",
+            (),
         )
-        .unwrap();
-    let rows = s
-        .query_map([], |r| {
-            Ok(Row {
-                id: r.get(0)?,
-                kind: r.get(1)?,
-                status: r.get(2)?,
-                attempts: r.get(3)?,
-                claimed_pid: r.get(4)?,
-                last_error: r.get(5)?,
-                result: r.get(6)?,
-                next_attempt_at: r.get(7)?,
-            })
-        })
-        .unwrap()
-        .map(Result::unwrap)
-        .collect();
-    rows
+        .into_iter()
+        .map(
+            |(id, kind, status, attempts, claimed_pid, last_error, result, next_attempt_at)| Row {
+                id,
+                kind,
+                status,
+                attempts,
+                claimed_pid,
+                last_error,
+                result,
+                next_attempt_at,
+            },
+        )
+        .collect()
 }
 
 pub fn row<'a>(rows: &'a [Row], kind: &str) -> &'a Row {

@@ -1,6 +1,6 @@
 //! The job lifecycle and the pipeline's moves (SPEC §1, §5, §7; seed TC-03, TC-04, TC-12,
 //! TC-14, D7 finalizer): claim (+ launch), complete, reap, reconcile, the deploy window —
-//! with real agent processes, a real SQLite file shared by several processes, real git.
+//! with real agent processes, a real database shared by several processes, real git.
 
 use std::collections::HashSet;
 use std::process::{Command, Stdio};
@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use httpmock::prelude::*;
 use serde_json::Value;
 
-use crate::common::{alive, group_members, Env, GitRepo, GroupGuard, BIN};
+use crate::common::{alive, group_members, ts_in, Env, GitRepo, GroupGuard, BIN};
 
 fn wait_until(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + limit;
@@ -30,14 +30,10 @@ fn add(env: &Env, args: &[&str]) -> (i64, Option<i64>) {
 }
 
 fn task_jobs(env: &Env, task: i64) -> Vec<(String, String)> {
-    let c = env.sql();
-    let mut s = c
-        .prepare("SELECT agent, status FROM jobs WHERE task_id = ?1 ORDER BY id")
-        .unwrap();
-    s.query_map([task], |r| Ok((r.get(0)?, r.get(1)?)))
-        .unwrap()
-        .map(Result::unwrap)
-        .collect()
+    env.db().all(
+        "SELECT agent, status FROM jobs WHERE task_id = ?1 ORDER BY id",
+        [task],
+    )
 }
 
 #[test]
@@ -160,18 +156,14 @@ fn the_stage_map_of_successful_jobs() {
     assert_eq!(env.task(tid).stage, "analysis");
     assert_eq!(env.run(&["claim"]).0, 3);
     // development → review with a reviewer job.
-    env.sql()
-        .execute(
-            "UPDATE tasks SET stage = 'development' WHERE id = ?1",
-            [tid],
-        )
-        .unwrap();
-    env.sql()
-        .execute(
-            "INSERT INTO jobs (agent, repo, task_id) VALUES ('developer', 'orchestrator', ?1)",
-            [tid],
-        )
-        .unwrap();
+    env.db().execute(
+        "UPDATE tasks SET stage = 'development' WHERE id = ?1",
+        [tid],
+    );
+    env.db().execute(
+        "INSERT INTO jobs (agent, repo, task_id) VALUES ('developer', 'orchestrator', ?1)",
+        [tid],
+    );
     let (j, r) = run(&env);
     let res = env.json(&[
         "complete",
@@ -197,12 +189,10 @@ fn the_stage_map_of_successful_jobs() {
     assert_eq!(env.task(tid).stage, "deploy");
     assert_eq!(env.run(&["claim"]).0, 3);
     // deploy: the deployer's success finishes the task.
-    env.sql()
-        .execute(
-            "INSERT INTO jobs (agent, repo, task_id) VALUES ('deployer', 'orchestrator', ?1)",
-            [tid],
-        )
-        .unwrap();
+    env.db().execute(
+        "INSERT INTO jobs (agent, repo, task_id) VALUES ('deployer', 'orchestrator', ?1)",
+        [tid],
+    );
     let (j, r) = run(&env);
     let res = env.json(&[
         "complete",
@@ -345,12 +335,10 @@ fn reap_judges_a_pidless_run_by_age_and_dry_run_changes_nothing() {
         1,
         "a fresh run without a pid is alive"
     );
-    env.sql()
-        .execute(
-            "UPDATE jobs SET claimed_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now', '-2 hours') WHERE id = ?1",
-            [job],
-        )
-        .unwrap();
+    env.db().execute(
+        "UPDATE jobs SET claimed_at = ?2 WHERE id = ?1",
+        (job, ts_in(-2 * 3600)),
+    );
     let dry = env.json(&["reap", "--dry-run"]);
     assert_eq!(dry["requeued"], 1);
     assert_eq!(dry["dry_run"], true);
@@ -365,24 +353,21 @@ fn reap_judges_a_pidless_run_by_age_and_dry_run_changes_nothing() {
 fn reap_judges_a_seed_style_pidless_run_without_claim_time_by_its_creation() {
     let env = Env::new();
     let tid = env.make_task("PL-506", "ORCH-506", "development", None);
-    let c = env.sql();
-    c.execute(
+    let c = env.db();
+    let job = c.insert(
         "INSERT INTO jobs (agent, repo, task_id, status, pid, run_id, attempts, max_attempts)
          VALUES ('developer', 'orchestrator', ?1, 'running', NULL, NULL, 1, 2)",
         [tid],
-    )
-    .unwrap();
-    let job = c.last_insert_rowid();
+    );
 
     let r = env.json(&["reap"]);
     assert_eq!(r["alive"], 1, "a run inserted just now is not dead: {r}");
     assert_eq!(env.job_status(job), "running");
 
     c.execute(
-        "UPDATE jobs SET created_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now', '-2 hours') WHERE id = ?1",
-        [job],
-    )
-    .unwrap();
+        "UPDATE jobs SET created_at = ?2 WHERE id = ?1",
+        (job, ts_in(-2 * 3600)),
+    );
     let r = env.json(&["reap"]);
     assert_eq!(r["requeued"], 1, "{r}");
     assert_eq!(env.job_status(job), "queued");
@@ -451,6 +436,11 @@ fn launch_records_pid_start_time_environment_and_log() {
             .unwrap_or(false)
     }));
     let text = std::fs::read_to_string(log).unwrap();
+    // The agent reaches the same database: the file, or the URL (which wins).
+    let database = match env.db_url() {
+        Some(url) => format!("ORCH_DB_URL={url}"),
+        None => format!("ORCH_DB_PATH={}", env.db.display()),
+    };
     for want in [
         format!("ORCH_JOB_ID={}", job.unwrap()),
         format!("ORCH_RUN_ID={}", c["run_id"]),
@@ -458,7 +448,7 @@ fn launch_records_pid_start_time_environment_and_log() {
         "ORCH_WORK_ITEM=ORCH-507".into(),
         "ORCH_REPO=orchestrator".into(),
         "ORCH_BRANCH=feature/ORCH-507-log-it".into(),
-        format!("ORCH_DB_PATH={}", env.db.display()),
+        database,
     ] {
         assert!(text.contains(&want), "{want} missing from {text}");
     }
@@ -472,21 +462,18 @@ fn four_concurrent_claimers_never_get_the_same_job() {
     env.set("ORCH_BUSY_TIMEOUT_MS", "30000");
     env.json(&["migrate"]);
     {
-        let mut c = env.sql();
-        let tx = c.transaction().unwrap();
-        tx.execute(
-            "INSERT INTO tasks (work_item_id, repo, branch, stage) VALUES ('ORCH-600', 'orchestrator', 'feature/ORCH-600', 'development')",
-            [],
-        )
-        .unwrap();
-        for _ in 0..2000 {
-            tx.execute(
-                "INSERT INTO jobs (agent, repo, task_id) VALUES ('developer', 'orchestrator', 1)",
-                [],
-            )
-            .unwrap();
-        }
-        tx.commit().unwrap();
+        env.db().transaction(|tx| {
+            let task = tx.insert(
+                "INSERT INTO tasks (work_item_id, repo, branch, stage) VALUES ('ORCH-600', 'orchestrator', 'feature/ORCH-600', 'development')",
+                (),
+            );
+            for _ in 0..2000 {
+                tx.execute(
+                    "INSERT INTO jobs (agent, repo, task_id) VALUES ('developer', 'orchestrator', ?1)",
+                    [task],
+                );
+            }
+        });
     }
     let loops: Vec<_> = (0..4)
         .map(|i| {
@@ -542,12 +529,10 @@ fn the_serial_gate_lets_one_deployer_per_repo_hold_the_merge_lease() {
     let (a, _) = add(&env, &["--work-item", "ORCH-700", "--stage", "deploy"]);
     let (b, _) = add(&env, &["--work-item", "ORCH-701", "--stage", "deploy"]);
     for t in [a, b] {
-        env.sql()
-            .execute(
-                "INSERT INTO jobs (agent, repo, task_id) VALUES ('deployer', 'orchestrator', ?1)",
-                [t],
-            )
-            .unwrap();
+        env.db().execute(
+            "INSERT INTO jobs (agent, repo, task_id) VALUES ('deployer', 'orchestrator', ?1)",
+            [t],
+        );
     }
     let first = env.json(&["claim", "--agent", "deployer"]);
     assert_eq!(first["task_id"].as_i64(), Some(a));
@@ -588,12 +573,10 @@ fn without_the_serial_gate_deployers_run_side_by_side() {
     env.set("ORCH_SERIAL_GATE", "off");
     for wi in ["ORCH-710", "ORCH-711"] {
         let (t, _) = add(&env, &["--work-item", wi, "--stage", "deploy"]);
-        env.sql()
-            .execute(
-                "INSERT INTO jobs (agent, repo, task_id) VALUES ('deployer', 'orchestrator', ?1)",
-                [t],
-            )
-            .unwrap();
+        env.db().execute(
+            "INSERT INTO jobs (agent, repo, task_id) VALUES ('deployer', 'orchestrator', ?1)",
+            [t],
+        );
     }
     env.json(&["claim"]);
     env.json(&["claim"]);
@@ -623,9 +606,8 @@ fn task_dependencies_hold_jobs_until_the_dependency_is_done() {
     let c = env.json(&["claim"]);
     assert_eq!(c["task_id"].as_i64(), Some(a));
     assert_eq!(env.run(&["claim"]).0, 3, "b waits for a");
-    env.sql()
-        .execute("UPDATE tasks SET stage = 'done' WHERE id = ?1", [a])
-        .unwrap();
+    env.db()
+        .execute("UPDATE tasks SET stage = 'done' WHERE id = ?1", [a]);
     assert_eq!(env.json(&["claim"])["task_id"].as_i64(), Some(b));
 }
 
@@ -663,12 +645,10 @@ fn d7_the_finalizer_applies_a_deferred_stop_as_a_forced_full_reset() {
             "deploy",
         ],
     );
-    env.sql()
-        .execute(
-            "INSERT INTO jobs (agent, repo, task_id) VALUES ('deployer', 'orchestrator', ?1)",
-            [tid],
-        )
-        .unwrap();
+    env.db().execute(
+        "INSERT INTO jobs (agent, repo, task_id) VALUES ('deployer', 'orchestrator', ?1)",
+        [tid],
+    );
     let deployer = env.json(&["claim", "--exec", "--", "sleep", "60"]);
     let _guard = GroupGuard(deployer["pid"].as_i64().unwrap());
     env.json(&["deploy-begin", "ORCH-440"]);
@@ -738,12 +718,10 @@ fn deploy_begin_is_refused_while_a_stop_is_pending() {
 fn a_deferred_stop_is_applied_when_its_running_job_completes() {
     let env = Env::new();
     let (tid, _) = add(&env, &["--work-item", "ORCH-442", "--stage", "deploy"]);
-    env.sql()
-        .execute(
-            "INSERT INTO jobs (agent, repo, task_id) VALUES ('deployer', 'orchestrator', ?1)",
-            [tid],
-        )
-        .unwrap();
+    env.db().execute(
+        "INSERT INTO jobs (agent, repo, task_id) VALUES ('deployer', 'orchestrator', ?1)",
+        [tid],
+    );
     let c = env.json(&["claim"]);
     assert_eq!(
         env.json(&["stop", "ORCH-442"])["deferred"],
@@ -891,9 +869,8 @@ fn a_deployer_failing_its_last_attempt_frees_the_merge_lease_unless_a_deploy_is_
     let (a, _) = add(&env, &["--work-item", "ORCH-900", "--stage", "deploy"]);
     let (b, _) = add(&env, &["--work-item", "ORCH-901", "--stage", "deploy"]);
     for t in [a, b] {
-        env.sql()
-            .execute("INSERT INTO jobs (agent, repo, task_id, max_attempts) VALUES ('deployer', 'orchestrator', ?1, 1)", [t])
-            .unwrap();
+        env.db()
+            .execute("INSERT INTO jobs (agent, repo, task_id, max_attempts) VALUES ('deployer', 'orchestrator', ?1, 1)", [t]);
     }
     // complete --failure on the last attempt: the lease is freed, the other deployer runs.
     let c = env.json(&["claim", "--agent", "deployer"]);
@@ -914,12 +891,10 @@ fn a_deployer_failing_its_last_attempt_frees_the_merge_lease_unless_a_deploy_is_
     // A deployer that dies after deploy-begin: the deploy's outcome is unknown, the lease
     // stays until someone finalizes it.
     env.json(&["deploy-begin", "ORCH-901"]);
-    env.sql()
-        .execute(
-            "UPDATE jobs SET claimed_at = '2000-01-01T00:00:00.000Z' WHERE id = ?1",
-            [c2["id"].as_i64().unwrap()],
-        )
-        .unwrap();
+    env.db().execute(
+        "UPDATE jobs SET claimed_at = '2000-01-01T00:00:00.000Z' WHERE id = ?1",
+        [c2["id"].as_i64().unwrap()],
+    );
     let r = env.json(&["reap"]);
     assert_eq!(r["failed"], 1, "{r}");
     let lease = env.ctx().store.read(|r| r.lease("orchestrator")).unwrap();

@@ -5,7 +5,6 @@
 //! waits on people. Real databases, the real binary, Plane as an httpmock stub.
 
 use httpmock::prelude::*;
-use rusqlite::types::ValueRef;
 use serde_json::{json, Value};
 
 use crate::common::Env;
@@ -19,50 +18,7 @@ use crate::event::{
 /// Every row of every table and the schema, as text: "the database is unchanged" means
 /// this is equal before and after.
 fn dump(env: &Env) -> Vec<String> {
-    let c = env.sql();
-    let mut out = vec![format!(
-        "user_version={}",
-        c.query_row("PRAGMA user_version", [], |r| r.get::<_, i64>(0))
-            .unwrap()
-    )];
-    let objects: Vec<(String, String, Option<String>)> = c
-        .prepare("SELECT type, name, sql FROM sqlite_master ORDER BY type, name")
-        .unwrap()
-        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
-        .unwrap()
-        .map(Result::unwrap)
-        .collect();
-    for (kind, name, sql) in &objects {
-        out.push(format!(
-            "{kind} {name}: {}",
-            sql.clone().unwrap_or_default()
-        ));
-        if kind != "table" || name.starts_with("sqlite_") {
-            continue;
-        }
-        let mut stmt = c.prepare(&format!("SELECT * FROM \"{name}\"")).unwrap();
-        let n = stmt.column_count();
-        let mut rows: Vec<String> = stmt
-            .query_map([], |r| {
-                let mut cells = Vec::new();
-                for i in 0..n {
-                    cells.push(match r.get_ref(i)? {
-                        ValueRef::Null => "NULL".to_string(),
-                        ValueRef::Integer(v) => v.to_string(),
-                        ValueRef::Real(v) => v.to_string(),
-                        ValueRef::Text(t) => format!("{:?}", String::from_utf8_lossy(t)),
-                        ValueRef::Blob(b) => format!("x'{}'", hex::encode(b)),
-                    });
-                }
-                Ok(cells.join("|"))
-            })
-            .unwrap()
-            .map(Result::unwrap)
-            .collect();
-        rows.sort();
-        out.extend(rows.into_iter().map(|r| format!("{name}: {r}")));
-    }
-    out
+    env.dump().lines().map(String::from).collect()
 }
 
 fn add(env: &Env, args: &[&str]) -> (i64, Option<i64>) {
@@ -93,15 +49,11 @@ fn events(env: &Env, task: i64) -> Vec<Value> {
 }
 
 fn jobs_of(env: &Env, task: i64) -> Vec<String> {
-    let c = env.sql();
-    let mut s = c
-        .prepare(
-            "SELECT agent || ':' || status || ':' || attempts || ':' || coalesce(error, '')
-             FROM jobs WHERE task_id = ?1 ORDER BY id",
-        )
-        .unwrap();
-    let rows = s.query_map([task], |r| r.get(0)).unwrap();
-    rows.map(Result::unwrap).collect()
+    env.db().values(
+        "SELECT agent || ':' || status || ':' || attempts || ':' || coalesce(error, '')
+         FROM jobs WHERE task_id = ?1 ORDER BY id",
+        [task],
+    )
 }
 
 /// The rows a transition writes, without ids, keys and times: what twin tasks must share.
@@ -237,12 +189,10 @@ fn a_task_goes_from_task_add_to_done_with_cli_commands_only() {
     assert_eq!(work(&env, "developer", true)["note"], "advanced");
 
     // A reviewer's failure on its last attempt: the stage is stuck, retry runs it again.
-    env.sql()
-        .execute(
-            "UPDATE jobs SET max_attempts = 1 WHERE task_id = ?1 AND agent = 'reviewer'",
-            [tid],
-        )
-        .unwrap();
+    env.db().execute(
+        "UPDATE jobs SET max_attempts = 1 WHERE task_id = ?1 AND agent = 'reviewer'",
+        [tid],
+    );
     assert_eq!(work(&env, "reviewer", false)["note"], "failed");
     assert_eq!(env.json(&["task", "show", "ORCH-1"])["awaiting"], "retry");
     assert_eq!(env.json(&["queue"])["awaiting"]["failed"][0]["id"], tid);
@@ -618,7 +568,7 @@ fn a_plane_delivery_and_the_command_leave_twin_tasks_equal() {
             source(via_cli)
         );
         // Clean up the lease so the next pair starts from a free one.
-        env.sql().execute("DELETE FROM merge_leases", []).unwrap();
+        env.db().execute("DELETE FROM merge_leases", ());
     }
 }
 
@@ -972,17 +922,15 @@ fn queue_awaiting_lists_exactly_the_waiting_tasks_of_a_mixed_database() {
     // and the reads (which never write) see it before any orchctl write settles it.
     let dev_failed = id("development, developer failed");
     let parked = id("analysis, parked");
-    let c = env.sql();
+    let c = env.db();
     c.execute(
         "UPDATE jobs SET status = 'queued' WHERE task_id = ?1",
         [dev_failed],
-    )
-    .unwrap();
+    );
     c.execute(
         "INSERT INTO jobs (agent, repo, task_id, status) VALUES ('analyst', 'orchestrator', ?1, 'queued')",
         [parked],
-    )
-    .unwrap();
+    );
     let stale = || env.count("SELECT count(*) FROM task_waits_stale");
     assert_eq!(stale(), 2);
     let check = |when: &str| {
@@ -1006,8 +954,7 @@ fn queue_awaiting_lists_exactly_the_waiting_tasks_of_a_mixed_database() {
     c.execute(
         "UPDATE jobs SET status = 'running', run_id = 9999 WHERE task_id = ?1 AND status = 'queued'",
         [parked],
-    )
-    .unwrap();
+    );
     assert_eq!(stale(), 0);
 }
 
@@ -1063,12 +1010,10 @@ fn stop_lists_the_tasks_that_depend_on_it_and_they_show_as_blocked() {
 fn retry_gives_a_stuck_stage_one_more_job_and_only_then() {
     let env = Env::new();
     let (t, job) = add(&env, &["--work-item", "ORCH-1", "--stage", "development"]);
-    env.sql()
-        .execute(
-            "UPDATE jobs SET max_attempts = 1 WHERE id = ?1",
-            [job.unwrap()],
-        )
-        .unwrap();
+    env.db().execute(
+        "UPDATE jobs SET max_attempts = 1 WHERE id = ?1",
+        [job.unwrap()],
+    );
     assert_eq!(work(&env, "developer", false)["note"], "failed");
     let r = env.json(&["retry", "ORCH-1"]);
     assert_eq!(r["note"], "requeued");

@@ -1,7 +1,8 @@
 //! Operations (SPEC §15): `metrics` checked by Prometheus's own linter (`promtool check
 //! metrics`, Debian package `prometheus`) with the exact numbers of a mixed database, its
 //! `--textfile` (a temporary file renamed into place, seen through strace), `prune` under
-//! a clock moved by Debian's `faketime`, the announcement of a new database file and
+//! a clock moved by Debian's `faketime` (on PostgreSQL the server's clock too: libfaketime
+//! in the clock cluster, see tests/common/pg.rs), the announcement of a new database file and
 //! `task add`'s warning about a missing clone. The webhook server's side (401 before
 //! orchctl runs, the HTTP reads, the unprivileged user) is the end-to-end test in
 //! tests/event.rs.
@@ -13,7 +14,8 @@ use std::process::{Command, Stdio};
 
 use serde_json::Value;
 
-use crate::common::{Env, GitRepo, BIN};
+use crate::common::db::{ts_plain_in, Params};
+use crate::common::{now_ts, Env, GitRepo, BIN};
 
 /// Feeds `text` to `promtool check metrics`: it must parse and pass the linter silently.
 pub(crate) fn promtool_check(text: &str) {
@@ -62,18 +64,22 @@ fn command_in(env: &Env, program: &str) -> Command {
 
 /// Runs orchctl under Debian's `faketime` with `spec` (`+100d` moves the clock on; an
 /// absolute time stops it there): SQLite's `now` and the file times compared with it
-/// follow the faked clock. Returns (exit code, stdout, stderr).
+/// follow the faked clock. On PostgreSQL the database's clock is the server's: the test's
+/// database is on the clock cluster (`Env::clocked`), whose libfaketime follows the same
+/// spec for as long as this command runs. Returns (exit code, stdout, stderr).
 fn faked(env: &Env, spec: &str, args: &[&str]) -> (i32, String, String) {
+    env.set_db_clock(spec);
     let out = command_in(env, "faketime")
         .args(["-f", spec, BIN])
         .args(args)
-        .output()
-        .unwrap_or_else(|e| {
-            panic!(
-                "these tests need faketime (Debian package `faketime`): apt-get install \
-                 faketime — .ci/run installs it ({e})"
-            )
-        });
+        .output();
+    env.set_db_clock("+0");
+    let out = out.unwrap_or_else(|e| {
+        panic!(
+            "these tests need faketime (Debian package `faketime`): apt-get install \
+             faketime — .ci/run installs it ({e})"
+        )
+    });
     (
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -86,22 +92,22 @@ fn faked(env: &Env, spec: &str, args: &[&str]) -> (i32, String, String) {
 const FROZEN: &str = "2030-01-01 00:00:00";
 const HOUR_BEFORE: &str = "2029-12-31T23:00:00.000Z";
 
-fn sql(env: &Env, statement: &str, params: impl rusqlite::Params) {
-    env.sql().execute(statement, params).unwrap();
+fn sql(env: &Env, statement: &str, params: impl Params) {
+    env.db().execute(statement, params);
 }
 
 fn effect(env: &Env, task: i64, status: &str) {
     sql(
         env,
         "INSERT INTO outbox (task_id, kind, payload, status) VALUES (?1, 'plane_comment', '{}', ?2)",
-        rusqlite::params![task, status],
+        (task, status),
     );
 }
 
 /// A database with work in every state the metrics count, written with plain SQL as the
 /// seed's tests and other tools write it.
 fn mixed() -> Env {
-    let env = Env::new();
+    let env = Env::clocked();
     let task = |wi: &str, stage: &str| env.make_task(&format!("PL-{wi}"), wi, stage, None);
     let job = |task: i64, agent: &str, status: &str| {
         env.make_job_full(task, agent, status, None, None, None, 1, 2)
@@ -144,7 +150,7 @@ fn mixed() -> Env {
     sql(
         &env,
         "UPDATE jobs SET created_at = ?2 WHERE id = ?1",
-        rusqlite::params![oldest, HOUR_BEFORE],
+        (oldest, HOUR_BEFORE),
     );
     sql(
         &env,
@@ -229,7 +235,7 @@ fn metrics_of_a_mixed_database_pass_promtool_and_carry_its_numbers() {
     sql(
         &env,
         "UPDATE jobs SET status = 'running' WHERE status = 'queued'",
-        [],
+        (),
     );
     let (_, text, _) = faked(&env, FROZEN, &["metrics"]);
     promtool_check(&text);
@@ -250,7 +256,7 @@ fn metrics_of_a_mixed_database_pass_promtool_and_carry_its_numbers() {
 /// A label value orchctl did not write (plain SQL can) is escaped and still parses.
 #[test]
 fn metrics_escape_label_values_from_the_database() {
-    let env = Env::new();
+    let env = Env::clocked();
     let t = env.make_task("PL-1", "ORCH-1", "development", None);
     env.make_job_full(t, "odd\"agent\\x", "running", None, None, None, 1, 2);
     let (code, text, err) = faked(&env, FROZEN, &["metrics"]);
@@ -270,15 +276,17 @@ fn metrics_textfile_is_renamed_into_place_and_nothing_is_printed() {
     // The previous scrape's file is replaced.
     std::fs::write(dir.join("orchctl.prom"), "stale\n").unwrap();
     let trace = env.path().join("strace.out");
+    env.set_db_clock(FROZEN);
     let out = command_in(&env, "strace")
         .args(["-f", "-qq", "-e", "trace=rename,renameat,renameat2", "-o"])
         .arg(&trace)
         .args(["faketime", "-f", FROZEN, BIN, "metrics", "--textfile"])
         .arg(&dir)
-        .output()
-        .unwrap_or_else(|e| {
-            panic!("this test needs strace: apt-get install strace — .ci/run installs it ({e})")
-        });
+        .output();
+    env.set_db_clock("+0");
+    let out = out.unwrap_or_else(|e| {
+        panic!("this test needs strace: apt-get install strace — .ci/run installs it ({e})")
+    });
     assert!(
         out.status.success(),
         "{}",
@@ -328,17 +336,13 @@ fn metrics_textfile_is_renamed_into_place_and_nothing_is_printed() {
 
 /// Every row of the tables prune must never touch, and the counts of those it may.
 fn rows(env: &Env) -> (String, i64, i64) {
-    let c = env.sql();
-    let dump = |sql: &str| -> String {
-        c.query_row(sql, [], |r| r.get::<_, Option<String>>(0))
-            .unwrap()
-            .unwrap_or_default()
-    };
+    let c = env.db();
+    let dump = |sql: &str| -> String { c.values::<String>(sql, ()).join(";") };
     let kept = [
-        dump("SELECT group_concat(id || stage || coalesce(updated_at, ''), ';') FROM tasks"),
-        dump("SELECT group_concat(id || status || coalesce(finished_at, ''), ';') FROM jobs"),
-        dump("SELECT group_concat(id || kind || at, ';') FROM task_events"),
-        dump("SELECT group_concat(id || status, ';') FROM outbox WHERE status <> 'done'"),
+        dump("SELECT id || stage || coalesce(updated_at, '') FROM tasks ORDER BY id"),
+        dump("SELECT id || status || coalesce(finished_at, '') FROM jobs ORDER BY id"),
+        dump("SELECT id || kind || at FROM task_events ORDER BY id"),
+        dump("SELECT id || status FROM outbox WHERE status <> 'done' ORDER BY id"),
     ]
     .join("\n");
     (
@@ -374,7 +378,7 @@ fn counts(r: &Value) -> (i64, i64, i64) {
 
 #[test]
 fn prune_deletes_what_aged_past_its_window_and_never_a_task_job_or_audit_row() {
-    let env = Env::new();
+    let env = Env::clocked();
     // Work done through the commands, so the audit trail has rows too.
     let done = env.json(&[
         "task",
@@ -409,13 +413,13 @@ fn prune_deletes_what_aged_past_its_window_and_never_a_task_job_or_audit_row() {
     // Finished now: one done, one cancelled (plain SQL, so no side effect of their own).
     sql(
         &env,
-        "UPDATE tasks SET stage = 'done', updated_at = strftime('%Y-%m-%dT%H:%M:%fZ','now') WHERE id = ?1",
-        [done],
+        "UPDATE tasks SET stage = 'done', updated_at = ?2 WHERE id = ?1",
+        (done, now_ts()),
     );
     sql(
         &env,
-        "UPDATE tasks SET stage = 'cancelled', cancelled_at = strftime('%Y-%m-%dT%H:%M:%fZ','now') WHERE id = ?1",
-        [cancelled],
+        "UPDATE tasks SET stage = 'cancelled', cancelled_at = ?2 WHERE id = ?1",
+        (cancelled, now_ts()),
     );
     for (t, status) in [
         (done, "done"),
@@ -429,13 +433,16 @@ fn prune_deletes_what_aged_past_its_window_and_never_a_task_job_or_audit_row() {
     }
     // Two deliveries handled now, one a month ago (in the space-separated form plain SQL
     // may write).
-    for (sha, age) in [("a1", None), ("b2", None), ("c3", Some("-30 days"))] {
+    for (sha, received) in [
+        ("a1", now_ts()),
+        ("b2", now_ts()),
+        ("c3", ts_plain_in(-30 * 86_400)),
+    ] {
         sql(
             &env,
             "INSERT INTO plane_deliveries (body_sha256, action, received_at)
-             VALUES (?1, 'ignored', CASE WHEN ?2 IS NULL THEN strftime('%Y-%m-%dT%H:%M:%fZ','now')
-                                         ELSE datetime('now', ?2) END)",
-            rusqlite::params![sha, age],
+             VALUES (?1, 'ignored', ?2)",
+            (sha, received),
         );
     }
     // Runs: a finished one, an earlier run of the same job, a running one, a job the
@@ -446,8 +453,8 @@ fn prune_deletes_what_aged_past_its_window_and_never_a_task_job_or_audit_row() {
     let old_write = env.make_job_full(cancelled, "analyst", "cancelled", None, None, Some(7), 1, 2);
     sql(
         &env,
-        "UPDATE jobs SET finished_at = strftime('%Y-%m-%dT%H:%M:%fZ','now') WHERE id IN (?1, ?2)",
-        [finished, old_write],
+        "UPDATE jobs SET finished_at = ?3 WHERE id IN (?1, ?2)",
+        (finished, old_write, now_ts()),
     );
     std::fs::create_dir_all(&env.logs).unwrap();
     let log = |name: String| {
@@ -539,9 +546,11 @@ fn prune_deletes_what_aged_past_its_window_and_never_a_task_job_or_audit_row() {
 
 // --------------------------------------------------------- announcements and warnings
 
+/// A new SQLite file (a mistyped path) is announced; a PostgreSQL URL names a database
+/// that must already exist.
 #[test]
-fn a_new_database_file_is_announced_once_with_its_path() {
-    let mut env = Env::new();
+fn sqlite_only_a_new_database_file_is_announced_once_with_its_path() {
+    let mut env = Env::sqlite();
     let typo = env.path().join("stat/orch.db");
     env.set("ORCH_DB_PATH", typo.to_str().unwrap());
     let (code, _, err) = env.run(&["queue"]);

@@ -238,7 +238,7 @@ fn add(env: &Env, work_item: &str, stage: &str, extra: &[&str]) -> i64 {
 
 /// A database with some history and live work of every kind the commands act on.
 fn world() -> Env {
-    let env = Env::new();
+    let env = Env::sqlite();
     for i in 0..5 {
         let t = env.make_task(&format!("PL-H{i}"), &format!("ORCH-H{i}"), "done", None);
         env.make_job(t, "done", None, Some(100 + i));
@@ -450,23 +450,17 @@ fn the_counters_match_the_rows() {
     }
     stop::stop(&ctx, "ORCH-1", &StopOptions::operator(None, false)).unwrap();
     drop(ctx);
-    let sql = env.sql();
-    sql.execute_batch(
+    let sql = env.db();
+    sql.batch(
         "UPDATE tasks SET stage = 'review' WHERE work_item_id = 'ORCH-3';
          DELETE FROM jobs WHERE task_id = (SELECT id FROM tasks WHERE work_item_id = 'ORCH-H1');
          DELETE FROM tasks WHERE work_item_id = 'ORCH-H1';",
-    )
-    .unwrap();
+    );
     let mismatches = |counted: &str, kept: &str, key: &str| -> i64 {
-        sql.query_row(
-            &format!(
-                "SELECT count(*) FROM ({counted}) g FULL JOIN {kept} k USING ({key})
-                 WHERE coalesce(g.n, 0) <> coalesce(k.n, 0)"
-            ),
-            [],
-            |r| r.get(0),
-        )
-        .unwrap()
+        sql.count(&format!(
+            "SELECT count(*) FROM ({counted}) g FULL JOIN {kept} k USING ({key})
+             WHERE coalesce(g.n, 0) <> coalesce(k.n, 0)"
+        ))
     };
     assert_eq!(
         mismatches(

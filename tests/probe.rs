@@ -583,15 +583,12 @@ fn a_retried_branch_deletion_leaves_a_branch_a_live_task_owns_or_that_moved_sinc
 
     // Once no live task owns the branch, the old deletion still acts only on the commit
     // it was written for: the branch moved since the STOP, so it stays.
-    env.sql()
-        .execute("UPDATE tasks SET stage = 'done' WHERE id = ?1", [fresh])
-        .unwrap();
-    env.sql()
-        .execute(
-            "UPDATE outbox SET status = 'pending', attempts = 0 WHERE id = ?1",
-            [del.id],
-        )
-        .unwrap();
+    env.db()
+        .execute("UPDATE tasks SET stage = 'done' WHERE id = ?1", [fresh]);
+    env.db().execute(
+        "UPDATE outbox SET status = 'pending', attempts = 0 WHERE id = ?1",
+        [del.id],
+    );
     env.json(&["reconcile"]);
     let rows = outbox(&env);
     let del = rows
@@ -1038,9 +1035,10 @@ impl Drop for SmallDisk {
     }
 }
 
+/// The SQLite file on a full disk (PostgreSQL's disk is the server's).
 #[test]
-fn queue_on_a_full_disk_prints_its_snapshot_and_exits_0() {
-    let mut env = Env::new();
+fn sqlite_only_queue_on_a_full_disk_prints_its_snapshot_and_exits_0() {
+    let mut env = Env::sqlite();
     let disk = SmallDisk::mount(&env.path().join("disk"));
     let db = disk.0.join("orch.db");
     env.set("ORCH_DB_PATH", db.to_str().unwrap());

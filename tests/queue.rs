@@ -187,14 +187,13 @@ pub fn pipeline() -> Env {
     ]);
     let stopped = env.json(&["stop", "DEMO-4", "--reason", "not needed"]);
     assert_eq!(stopped["note"], "cancelled");
-    env.sql()
+    env.db()
         .execute(
             "INSERT INTO outbox (task_id, kind, payload, status, attempts, last_error)
              VALUES (4, 'delete_remote_branch', '{\"repo\":\"demo\",\"branch\":\"feature/DEMO-4-dropped\"}',
                      'failed', 10, 'Gitea answered 403: branch is protected')",
-            [],
-        )
-        .unwrap();
+            (),
+        );
     env
 }
 
@@ -380,7 +379,7 @@ fn tc09_a_broken_block_is_minimal_with_error_and_the_rest_intact() {
         let intact = env.json(&["queue"]);
         assert!(broken_blocks(&intact).is_empty(), "{intact}");
 
-        env.sql().execute_batch(sql).unwrap();
+        env.db().batch(sql);
         let (code, stdout, stderr) = env.run(&["queue"]);
         assert_eq!(code, 0, "{sql}: {stderr}");
         let v: Value =
@@ -463,10 +462,10 @@ fn pages_read(conn: &rusqlite::Connection) -> i64 {
 /// SPEC §10 asks `queue` to stay cheap however long the history: on a database of 200k
 /// finished jobs, 20k done side effects and 20k finished dependencies, one snapshot reads
 /// a few dozen pages, where a single scan of the job history reads thousands. Counted in
-/// pages, not timed.
+/// pages, not timed: SQLite's page cache counters.
 #[test]
-fn queue_reads_a_bounded_number_of_pages_on_a_long_history() {
-    let env = Env::new();
+fn sqlite_only_queue_reads_a_bounded_number_of_pages_on_a_long_history() {
+    let env = Env::sqlite();
     env.json(&[
         "task",
         "add",
@@ -477,9 +476,8 @@ fn queue_reads_a_bounded_number_of_pages_on_a_long_history() {
         "--stage",
         "development",
     ]);
-    env.sql()
-        .execute_batch(
-            "BEGIN;
+    env.db().batch(
+        "BEGIN;
              WITH RECURSIVE n(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM n WHERE x < 20000)
              INSERT INTO tasks (work_item_id, repo, branch, stage)
                  SELECT 'OLD-' || x, 'demo', 'feature/OLD-' || x, 'done' FROM n;
@@ -492,8 +490,7 @@ fn queue_reads_a_bounded_number_of_pages_on_a_long_history() {
              WITH RECURSIVE n(x) AS (SELECT 3 UNION ALL SELECT x + 1 FROM n WHERE x < 20001)
              INSERT INTO task_deps (task_id, depends_on) SELECT x, x - 1 FROM n;
              COMMIT;",
-        )
-        .unwrap();
+    );
 
     let ctx = env.ctx();
     let conn = ctx.store.sqlite().unwrap().connection();

@@ -1,7 +1,8 @@
 //! Reliability (issue 7, SPEC §3–§5, §9): orchctl SIGKILLed in the middle of a STOP,
 //! Gitea and Plane down, commands racing each other as real processes, a busy database,
 //! process safety and data safety. Every fault is real: a killed process, a closed port, a
-//! stalled HTTP stub, a held SQLite write lock, a git that hangs.
+//! stalled HTTP stub, a held write lock (SQLite's, or a PostgreSQL table lock), a git that
+//! hangs.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -9,7 +10,8 @@ use std::time::{Duration, Instant};
 use httpmock::prelude::*;
 use serde_json::{json, Value};
 
-use crate::common::{alive, group_members, Agent, Env, GitRepo, GroupGuard};
+use crate::common::db::unix_secs;
+use crate::common::{alive, group_members, now_ts, Agent, Env, GitRepo, GroupGuard};
 use crate::fault::{
     assert_unchanged, closed_port, effect, lines, notify_hook, outbox, pids_with, row, script,
     snapshot, wait_until, Bg, FakeGit,
@@ -566,12 +568,11 @@ fn server_errors_and_rate_limits_wait_in_the_outbox_honouring_retry_after() {
     assert_eq!(effect(&res, "plane_comment")["status"], "pending");
     limited_comment.assert_hits(1);
     // Retry-After: 120 is honoured: the comment is not due before then.
-    let due: i64 = env.sql().query_row(
-        "SELECT CAST(strftime('%s', next_attempt_at) AS INTEGER) - CAST(strftime('%s', 'now') AS INTEGER)
-         FROM outbox WHERE kind = 'plane_comment'",
-        [],
-        |r| r.get(0),
-    ).unwrap();
+    let next: String = env.db().value(
+        "SELECT next_attempt_at FROM outbox WHERE kind = 'plane_comment'",
+        (),
+    );
+    let due = unix_secs(&next) - unix_secs(&now_ts());
     assert!((100..=121).contains(&due), "next attempt in {due}s");
 
     // Gitea now fails with a 5xx: still pending, retried.
@@ -601,12 +602,10 @@ fn server_errors_and_rate_limits_wait_in_the_outbox_honouring_retry_after() {
         when.method(POST);
         then.status(201);
     });
-    env.sql()
-        .execute(
-            "UPDATE outbox SET next_attempt_at = '2000-01-01T00:00:00.000Z' WHERE status = 'pending'",
-            [],
-        )
-        .unwrap();
+    env.db().execute(
+        "UPDATE outbox SET next_attempt_at = '2000-01-01T00:00:00.000Z' WHERE status = 'pending'",
+        (),
+    );
     let r = env.json(&["reconcile"]);
     assert_eq!(r["outbox"]["done"], 2, "{r}");
     env.json(&["reconcile"]);
@@ -855,12 +854,10 @@ fn reap_racing_complete_as_real_processes_never_undoes_a_completed_run() {
         let c = env.json(&["claim"]);
         let (job, run) = (c["id"].as_i64().unwrap(), c["run_id"].as_i64().unwrap());
         // The agent's recorded pid is gone: reap judges the run dead.
-        env.sql()
-            .execute(
-                "UPDATE jobs SET pid = 2147483000, proc_start = 1 WHERE id = ?1",
-                [job],
-            )
-            .unwrap();
+        env.db().execute(
+            "UPDATE jobs SET pid = 2147483000, proc_start = 1 WHERE id = ?1",
+            [job],
+        );
         let complete = Bg::start(
             &env,
             &[
@@ -963,8 +960,7 @@ fn a_database_busy_past_the_timeout_exits_75_and_nothing_is_half_written() {
     );
     let before = snapshot(&env);
 
-    let lock = rusqlite::Connection::open(&env.db).unwrap();
-    lock.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let lock = env.hold_busy();
     let commands: Vec<Vec<String>> = vec![
         vec!["stop".into(), stoppable.to_string()],
         vec![
@@ -1002,8 +998,7 @@ fn a_database_busy_past_the_timeout_exits_75_and_nothing_is_half_written() {
         assert!(stderr.contains("retry"), "a hint to retry: {stderr}");
         assert!(started.elapsed() < Duration::from_secs(20));
     }
-    lock.execute_batch("ROLLBACK").unwrap();
-    drop(lock);
+    lock.release();
     assert_unchanged(&env, &before, "after commands refused on a busy database");
 
     // Once the lock is gone the same command goes through.
@@ -1023,8 +1018,7 @@ fn an_agent_whose_launch_cannot_be_recorded_is_killed_not_left_loose() {
         .unwrap()
         .unwrap();
     let token = format!("unrecorded-agent-{}", std::process::id());
-    let lock = rusqlite::Connection::open(&env.db).unwrap();
-    lock.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let lock = env.hold_busy();
 
     let err = orchctl::claim::launch(
         &ctx,
@@ -1045,7 +1039,7 @@ fn an_agent_whose_launch_cannot_be_recorded_is_killed_not_left_loose() {
         "{err:#}"
     );
     assert!(format!("{err:#}").contains("killed"), "{err:#}");
-    lock.execute_batch("ROLLBACK").unwrap();
+    lock.release();
 }
 
 #[test]
@@ -1209,9 +1203,10 @@ fn an_agent_in_orchctl_s_own_process_group_is_refused() {
 
 // ------------------------------------------------------------------------- data safety
 
+/// SQLite's migrations are numbered steps: the second failing takes the first back.
 #[test]
-fn a_failed_migration_rolls_back_whole() {
-    let env = Env::new();
+fn sqlite_only_a_failed_migration_rolls_back_whole() {
+    let env = Env::sqlite();
     std::fs::create_dir_all(env.db.parent().unwrap()).unwrap();
     {
         // A view where migration 2 wants its counter table: migration 1 succeeds, then
@@ -1220,7 +1215,7 @@ fn a_failed_migration_rolls_back_whole() {
         c.execute_batch("CREATE VIEW job_counts AS SELECT 'queued' AS status, 0 AS n;")
             .unwrap();
     }
-    let before = crate::fault::dump(&env.db);
+    let before = crate::fault::dump(&env);
 
     let (code, stdout, stderr) = env.run(&["migrate"]);
 
@@ -1228,9 +1223,31 @@ fn a_failed_migration_rolls_back_whole() {
     assert!(stdout.is_empty());
     assert!(stderr.contains("migration 2 failed"), "{stderr}");
     // Migration 1's tables are gone with it; the version did not move.
-    assert_eq!(crate::fault::dump(&env.db), before);
+    assert_eq!(crate::fault::dump(&env), before);
     let (code, _, _) = env.run(&["task", "list"]);
     assert_eq!(code, 1, "every command refuses until the migration can run");
+}
+
+/// On either backend: a database the migrations cannot bring up to date (a view stands
+/// where the schema wants its `outbox` table) is refused, and left exactly as it was —
+/// none of the tables made before the failure stays.
+#[test]
+fn a_migration_that_fails_leaves_the_database_as_it_was() {
+    let env = Env::new();
+    std::fs::create_dir_all(env.db.parent().unwrap()).unwrap();
+    env.db_raw()
+        .batch("CREATE VIEW outbox AS SELECT 1 AS id, 'x' AS kind");
+    let before = crate::fault::dump(&env);
+
+    let (code, stdout, stderr) = env.run(&["migrate"]);
+
+    assert_eq!(code, 1, "{stderr}");
+    assert!(stdout.is_empty());
+    assert!(stderr.starts_with("orchctl: "), "{stderr}");
+    assert_eq!(crate::fault::dump(&env), before);
+    let (code, _, _) = env.run(&["task", "list"]);
+    assert_eq!(code, 1, "every command refuses until the migration can run");
+    assert_eq!(crate::fault::dump(&env), before);
 }
 
 #[test]

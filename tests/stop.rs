@@ -1,12 +1,12 @@
 //! STOP (SPEC §3, §4; seed TC-02, TC-03, TC-05, TC-06, TC-07, TC-13, D7) against real
-//! processes, real git repositories, a real SQLite file and HTTP stub servers.
+//! processes, real git repositories, a real database and HTTP stub servers.
 
 use std::time::Duration;
 
 use httpmock::prelude::*;
 use serde_json::Value;
 
-use crate::common::{alive, Agent, Env, GitRepo};
+use crate::common::{alive, ts_in, Agent, Env, GitRepo};
 use orchctl::stop::{self, in_critical_window, StopOptions};
 
 fn effect<'a>(res: &'a Value, kind: &str) -> Option<&'a Value> {
@@ -542,14 +542,8 @@ fn tc14_migrations_are_idempotent_and_the_seed_columns_exist() {
     assert_eq!(first["from"], 0);
     let second = env.json(&["migrate"]);
     assert_eq!(second["from"], second["to"]);
-    let c = env.sql();
-    let cols = |t: &str| -> Vec<String> {
-        let mut s = c.prepare(&format!("PRAGMA table_info({t})")).unwrap();
-        s.query_map([], |r| r.get::<_, String>(1))
-            .unwrap()
-            .map(Result::unwrap)
-            .collect()
-    };
+    let c = env.db();
+    let cols = |t: &str| -> Vec<String> { c.columns(t) };
     for col in [
         "id",
         "plane_id",
@@ -595,15 +589,21 @@ fn tc14_migrations_are_idempotent_and_the_seed_columns_exist() {
     ] {
         assert!(!cols(table).is_empty(), "table {table}");
     }
-    let mode: String = c
-        .query_row("PRAGMA journal_mode", [], |r| r.get(0))
-        .unwrap();
+}
+
+/// SPEC §2: the SQLite file is in write-ahead-log mode.
+#[test]
+fn sqlite_only_tc14_the_database_file_is_in_wal_mode() {
+    let env = Env::sqlite();
+    env.json(&["migrate"]);
+    let mode: String = env.db().value("PRAGMA journal_mode", ());
     assert_eq!(mode, "wal");
 }
 
+/// The Python predecessor's SQLite file (PostgreSQL has no predecessor).
 #[test]
-fn tc14_a_predecessor_database_is_brought_up_to_date() {
-    let env = Env::new();
+fn sqlite_only_tc14_a_predecessor_database_is_brought_up_to_date() {
+    let env = Env::sqlite();
     std::fs::create_dir_all(env.db.parent().unwrap()).unwrap();
     {
         let c = rusqlite::Connection::open(&env.db).unwrap();
@@ -639,10 +639,9 @@ fn tc14_a_queued_job_is_claimable_when_no_gate_blocks_it() {
 fn a_database_from_a_newer_binary_is_refused_untouched() {
     let env = Env::new();
     env.json(&["migrate"]);
-    env.sql()
-        .execute_batch("PRAGMA user_version = 999")
-        .unwrap();
-    let before = std::fs::read(&env.db).unwrap();
+    env.db().set_schema_version(999);
+    // On SQLite the file's bytes, on PostgreSQL every row and the schema.
+    let before = env.snapshot();
     for args in [vec!["migrate"], vec!["task", "list"], vec!["stop", "1"]] {
         let (code, _, stderr) = env.run(&args);
         assert_eq!(code, 78, "{args:?}: {stderr}");
@@ -651,7 +650,7 @@ fn a_database_from_a_newer_binary_is_refused_untouched() {
             "{stderr}"
         );
     }
-    assert_eq!(std::fs::read(&env.db).unwrap(), before);
+    env.assert_unchanged(&before, "a database from a newer orchctl");
 }
 
 #[test]
@@ -906,25 +905,23 @@ fn the_worktree_and_branch_wait_while_stopping_the_agent_awaits_a_retry() {
     );
     // A STOP whose agent stop failed and waits for its retry (backoff in the future),
     // followed by the branch's effects, already due.
-    let c = env.sql();
+    let c = env.db();
     c.execute(
         "INSERT INTO outbox (task_id, kind, payload, status, attempts, last_error, next_attempt_at)
          VALUES (?1, 'stop_process', '{\"job_id\":1,\"run_id\":1,\"pid\":999999,\"proc_start\":1}',
                  'pending', 1, 'process group survived SIGKILL',
-                 strftime('%Y-%m-%dT%H:%M:%fZ', 'now', '+1 hour'))",
-        [tid],
-    )
-    .unwrap();
+                 ?2)",
+        (tid, ts_in(3600)),
+    );
     for kind in ["remove_worktree", "delete_remote_branch"] {
         c.execute(
             "INSERT INTO outbox (task_id, kind, payload) VALUES (?1, ?2, ?3)",
-            rusqlite::params![
+            (
                 tid,
                 kind,
-                r#"{"repo":"orchestrator","branch":"feature/ORCH-460-w"}"#
-            ],
-        )
-        .unwrap();
+                r#"{"repo":"orchestrator","branch":"feature/ORCH-460-w"}"#,
+            ),
+        );
     }
 
     let r = env.json(&["reconcile"]);

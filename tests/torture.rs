@@ -6,6 +6,8 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use serde_json::Value;
+
 use crate::common::{group_members, Env, GitRepo, RecordedRuns};
 use crate::fault::{script, wait_until, Bg};
 
@@ -68,21 +70,29 @@ type Recorded = (i64, String, i64, Option<i64>, Option<String>);
 /// their job, or, for a run whose stop is under way, in its pending `stop_process` effect
 /// (status `stopping`): a process the next `reconcile` or `stop` ends is within reach.
 fn recorded(env: &Env) -> Vec<Recorded> {
-    env.sql()
-        .prepare(
-            "SELECT j.id, j.status, j.pid, j.proc_start, t.stage FROM jobs j
-             LEFT JOIN tasks t ON t.id = j.task_id WHERE j.pid IS NOT NULL
-             UNION ALL
-             SELECT json_extract(o.payload, '$.job_id'), 'stopping', json_extract(o.payload, '$.pid'),
-                    json_extract(o.payload, '$.proc_start'), t.stage
-             FROM outbox o LEFT JOIN tasks t ON t.id = o.task_id
-             WHERE o.kind = 'stop_process' AND o.status = 'pending'",
-        )
-        .unwrap()
-        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)))
-        .unwrap()
-        .map(Result::unwrap)
-        .collect()
+    let db = env.db();
+    let mut out: Vec<Recorded> = db.all(
+        "SELECT j.id, j.status, j.pid, j.proc_start, t.stage FROM jobs j
+         LEFT JOIN tasks t ON t.id = j.task_id WHERE j.pid IS NOT NULL",
+        (),
+    );
+    // The effect's payload is JSON text: read in Rust, on either backend.
+    let stopping: Vec<(String, Option<String>)> = db.all(
+        "SELECT o.payload, t.stage FROM outbox o LEFT JOIN tasks t ON t.id = o.task_id
+         WHERE o.kind = 'stop_process' AND o.status = 'pending' ORDER BY o.id",
+        (),
+    );
+    for (payload, stage) in stopping {
+        let p: Value = serde_json::from_str(&payload).unwrap();
+        out.push((
+            p["job_id"].as_i64().unwrap(),
+            "stopping".into(),
+            p["pid"].as_i64().unwrap(),
+            p["proc_start"].as_i64(),
+            stage,
+        ));
+    }
+    out
 }
 
 /// Every live agent (a process holding `token`) is in the group of a run recorded with
@@ -125,63 +135,51 @@ fn run_or_kill(env: &Env, args: &[String], kill_after: Option<Duration>) {
 
 /// Every audit row and side effect, one line each, for failure messages.
 fn events(env: &Env) -> String {
-    env.sql()
-        .prepare(
+    env.db()
+        .all::<(Option<i64>, String, Option<String>)>(
             "SELECT task_id, kind, detail FROM task_events
              UNION ALL SELECT task_id, 'outbox ' || kind || ' ' || status, coalesce(result, last_error) FROM outbox
              ORDER BY 1",
+            (),
         )
-        .unwrap()
-        .query_map([], |r| {
-            Ok(format!(
-                "{:?} {} {}",
-                r.get::<_, Option<i64>>(0)?,
-                r.get::<_, String>(1)?,
-                r.get::<_, Option<String>>(2)?.unwrap_or_default()
-            ))
-        })
-        .unwrap()
-        .map(Result::unwrap)
+        .into_iter()
+        .map(|(task, kind, detail)| format!("{task:?} {kind} {}", detail.unwrap_or_default()))
         .collect::<Vec<_>>()
         .join("\n")
 }
 
 /// Every job, one line each, for failure messages.
 fn jobs_table(env: &Env) -> String {
-    env.sql()
-        .prepare(
+    env.db()
+        .rows(
             "SELECT j.id, j.task_id, j.agent, j.status, j.pid, j.run_id, j.attempts, j.error, t.stage
              FROM jobs j LEFT JOIN tasks t ON t.id = j.task_id ORDER BY j.id",
+            (),
         )
-        .unwrap()
-        .query_map([], |r| {
-            Ok(format!(
+        .iter()
+        .map(|r| {
+            format!(
                 "job {} task {:?} {} {} pid {:?} run {:?} tries {} error {:?} stage {:?}",
-                r.get::<_, i64>(0)?,
-                r.get::<_, Option<i64>>(1)?,
-                r.get::<_, String>(2)?,
-                r.get::<_, String>(3)?,
-                r.get::<_, Option<i64>>(4)?,
-                r.get::<_, Option<i64>>(5)?,
-                r.get::<_, i64>(6)?,
-                r.get::<_, Option<String>>(7)?,
-                r.get::<_, Option<String>>(8)?,
-            ))
+                r.i64(0),
+                r.opt_i64(1),
+                r.string(2),
+                r.string(3),
+                r.opt_i64(4),
+                r.opt_i64(5),
+                r.i64(6),
+                r.opt_string(7),
+                r.opt_string(8),
+            )
         })
-        .unwrap()
-        .map(Result::unwrap)
         .collect::<Vec<_>>()
         .join("\n")
 }
 
 fn live_task_ids(env: &Env) -> Vec<i64> {
-    env.sql()
-        .prepare("SELECT id FROM tasks WHERE stage NOT IN ('done', 'cancelled') ORDER BY id")
-        .unwrap()
-        .query_map([], |r| r.get(0))
-        .unwrap()
-        .map(Result::unwrap)
-        .collect()
+    env.db().values(
+        "SELECT id FROM tasks WHERE stage NOT IN ('done', 'cancelled') ORDER BY id",
+        (),
+    )
 }
 
 #[test]
@@ -327,14 +325,10 @@ fn a_seeded_sigkill_torture_of_the_write_commands_keeps_every_invariant() {
     let mut steps = Vec::new();
     for _ in 0..90 {
         let task = (1 + rng.below(tasks as u64)).to_string();
-        let running: Vec<(i64, i64)> = env
-            .sql()
-            .prepare("SELECT id, run_id FROM jobs WHERE status = 'running'")
-            .unwrap()
-            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
-            .unwrap()
-            .map(Result::unwrap)
-            .collect();
+        let running: Vec<(i64, i64)> = env.db().all(
+            "SELECT id, run_id FROM jobs WHERE status = 'running' ORDER BY id",
+            (),
+        );
         let args: Vec<String> = match rng.below(14) {
             0..=2 => vec!["dispatch".into()],
             3 | 4 => ["claim", "--exec", "--", &agent]
@@ -410,14 +404,10 @@ fn a_seeded_sigkill_torture_of_the_write_commands_keeps_every_invariant() {
     for t in live_task_ids(&env) {
         env.json(&["stop", &t.to_string()]);
     }
-    let cancelled: Vec<i64> = env
-        .sql()
-        .prepare("SELECT id FROM tasks WHERE stage = 'cancelled' ORDER BY id")
-        .unwrap()
-        .query_map([], |r| r.get(0))
-        .unwrap()
-        .map(Result::unwrap)
-        .collect();
+    let cancelled: Vec<i64> = env.db().values(
+        "SELECT id FROM tasks WHERE stage = 'cancelled' ORDER BY id",
+        (),
+    );
     for t in &cancelled {
         env.json(&["stop", &t.to_string()]);
     }
@@ -426,11 +416,12 @@ fn a_seeded_sigkill_torture_of_the_write_commands_keeps_every_invariant() {
         env.json(&["reconcile"]);
     }
 
-    let c = env.sql();
-    let integrity: String = c
-        .query_row("PRAGMA integrity_check", [], |r| r.get(0))
-        .unwrap();
-    assert_eq!(integrity, "ok", "steps:\n{trail}");
+    let c = env.db();
+    // SQLite's own check of its file (PostgreSQL has no counterpart to run here).
+    if !env.is_postgres() {
+        let integrity: String = c.value("PRAGMA integrity_check", ());
+        assert_eq!(integrity, "ok", "steps:\n{trail}");
+    }
     let live_jobs_of_terminal = env.count(
         "SELECT count(*) FROM jobs j JOIN tasks t ON t.id = j.task_id
          WHERE t.stage IN ('done', 'cancelled') AND j.status IN ('queued', 'running')",
@@ -465,16 +456,11 @@ fn a_seeded_sigkill_torture_of_the_write_commands_keeps_every_invariant() {
             );
         }
     }
-    let open: Vec<(i64, String, String, Option<String>)> = c
-        .prepare(
-            "SELECT o.id, o.kind, o.status, o.last_error FROM outbox o JOIN tasks t ON t.id = o.task_id
-             WHERE t.stage = 'cancelled' AND o.status NOT IN ('done', 'failed')",
-        )
-        .unwrap()
-        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
-        .unwrap()
-        .map(Result::unwrap)
-        .collect();
+    let open: Vec<(i64, String, String, Option<String>)> = c.all(
+        "SELECT o.id, o.kind, o.status, o.last_error FROM outbox o JOIN tasks t ON t.id = o.task_id
+         WHERE t.stage = 'cancelled' AND o.status NOT IN ('done', 'failed')",
+        (),
+    );
     assert!(
         open.is_empty(),
         "effects left open: {open:?}\nsteps:\n{trail}"

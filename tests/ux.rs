@@ -75,7 +75,7 @@ fn an_undecodable_webhook_secret_refuses_the_delivery_instead_of_skipping_the_si
     let mut env = Env::new();
     env.set("ORCH_DEFAULT_REPO", "orchestrator")
         .set("ORCH_PROJECT_IDENTIFIERS", &format!("{PROJECT}=ORCH"));
-    drop(env.sql());
+    drop(env.db());
     let before = snapshot(&env);
     let got = run_with_bytes(
         &env,
@@ -185,7 +185,7 @@ fn every_orch_variable_refuses_bytes_that_are_not_utf8_before_the_database_is_op
     for name in &names {
         let got = run_with_bytes(&env, name, b"x\xffy", &["queue"], b"");
         refused(got, name, name);
-        assert!(!env.db.exists(), "{name}: the database was opened");
+        assert!(!env.database_created(), "{name}: the database was opened");
     }
     // A flag's own variable, on its own command (clap would have said "invalid UTF-8",
     // exit 2, or taken the bytes as a path).
@@ -321,7 +321,7 @@ fn a_bad_switch_variable_is_refused_before_the_database_is_created() {
     let mut cmd = env.cmd();
     cmd.env("ORCH_STOP_FORCE", "maybe").args(["stop", "1"]);
     refused(output(cmd), "ORCH_STOP_FORCE", "stop");
-    assert!(!env.db.exists());
+    assert!(!env.database_created());
 }
 
 /// `off`, `0`, `no`, empty (and any case, blanks around) leave a switch off; the on words

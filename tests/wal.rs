@@ -8,7 +8,7 @@ use crate::common::Env;
 
 #[test]
 fn the_log_stays_short_however_many_commands_write() {
-    let env = Env::new();
+    let env = Env::sqlite();
     let wal = format!("{}-wal", env.db.display());
     let mut largest = 0;
     for i in 0..150 {

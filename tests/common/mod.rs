@@ -1,32 +1,118 @@
 //! The test harness: a temp dir per test with its own database, repos and logs, the real
 //! `orchctl` binary run with a cleaned environment, real agent processes that are always
 //! killed (whole group) when the test ends, and real git repositories.
+//!
+//! The backend of a whole run is chosen by `ORCH_TEST_BACKEND`: `sqlite` (the default) or
+//! `postgres`. [`Env::new`] follows it: on PostgreSQL each test gets its own database on
+//! the run's cluster (`pg.rs`) and orchctl runs with `ORCH_DB_URL` set (and `ORCH_DB_PATH`
+//! too: the URL wins, and no SQLite file may appear). Tests about one backend by nature use
+//! [`Env::sqlite`] / [`Env::postgres`]; the SQLite-only ones carry `sqlite_only` in their
+//! name, which the PostgreSQL pass of `scripts/test` skips. The tests reach the database
+//! through [`TestDb`] (`env.db()`), whose SQL is written once for both.
 
 #![allow(dead_code)]
+
+pub mod db;
+pub mod pg;
 
 use std::collections::BTreeMap;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use orchctl::{Config, Ctx};
+use orchctl::{Config, Ctx, DbTarget};
 use serde_json::Value;
 use tempfile::TempDir;
 
+pub use db::{now_ts, ts_in, Busy, Target, TestDb};
+
 pub const BIN: &str = env!("CARGO_BIN_EXE_orchctl");
+
+/// The variable that picks the backend of a whole test run.
+pub const BACKEND_VAR: &str = "ORCH_TEST_BACKEND";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// The backend of this run: `ORCH_TEST_BACKEND` (`sqlite`, the default, or `postgres`).
+pub fn backend() -> Backend {
+    match std::env::var(BACKEND_VAR).as_deref() {
+        Err(_) | Ok("") | Ok("sqlite") => Backend::Sqlite,
+        Ok("postgres") | Ok("postgresql") => Backend::Postgres,
+        Ok(other) => panic!("{BACKEND_VAR}={other:?}: expected sqlite or postgres"),
+    }
+}
+
+/// The clock cluster has one clock: the tests that move it take turns.
+static CLOCK_TURN: Mutex<()> = Mutex::new(());
+
+/// What "nothing changed" compares: the logical dump on either backend, plus the file's
+/// bytes (and its journals') on SQLite.
+#[derive(Clone, PartialEq)]
+pub struct Snapshot {
+    pub dump: String,
+    pub files: Option<Vec<(String, Vec<u8>)>>,
+}
+
+impl std::fmt::Debug for Snapshot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let sizes: Option<Vec<(&str, usize)>> = self
+            .files
+            .as_ref()
+            .map(|v| v.iter().map(|(n, b)| (n.as_str(), b.len())).collect());
+        write!(f, "files {sizes:?}\n{}", self.dump)
+    }
+}
 
 /// One test's world.
 pub struct Env {
     pub dir: TempDir,
+    /// The SQLite file (set as ORCH_DB_PATH on either backend).
     pub db: PathBuf,
     pub repos: PathBuf,
     pub logs: PathBuf,
     vars: BTreeMap<String, String>,
+    backend: Backend,
+    pg: Option<pg::PgDatabase>,
+    /// Held by a PostgreSQL test that moves the clock cluster's clock.
+    clock_turn: Option<MutexGuard<'static, ()>>,
 }
 
 impl Env {
+    /// A test's world on this run's backend (`ORCH_TEST_BACKEND`).
     pub fn new() -> Env {
+        Env::with_backend(backend(), false)
+    }
+
+    /// On SQLite whatever the run's backend: for tests about SQLite by nature (name them
+    /// `sqlite_only_…` so the PostgreSQL pass skips them).
+    pub fn sqlite() -> Env {
+        Env::with_backend(Backend::Sqlite, false)
+    }
+
+    /// On PostgreSQL whatever the run's backend.
+    pub fn postgres() -> Env {
+        Env::with_backend(Backend::Postgres, false)
+    }
+
+    /// On this run's backend, for a test that moves the clock with Debian's `faketime`
+    /// ([`Env::set_db_clock`]): on PostgreSQL the clock that counts is the server's, so the
+    /// database is on the clock cluster, and such tests take turns.
+    pub fn clocked() -> Env {
+        Env::with_backend(backend(), true)
+    }
+
+    /// On PostgreSQL's clock cluster whatever the run's backend.
+    pub fn postgres_clocked() -> Env {
+        Env::with_backend(Backend::Postgres, true)
+    }
+
+    fn with_backend(backend: Backend, clocked: bool) -> Env {
         let dir = tempfile::Builder::new()
             .prefix("orchctl-test-")
             .tempdir()
@@ -52,17 +138,72 @@ impl Env {
         ] {
             vars.insert(k.to_string(), v.to_string());
         }
+        let (pg, clock_turn) = match backend {
+            Backend::Sqlite => (None, None),
+            Backend::Postgres => {
+                let (cluster, turn) = if clocked {
+                    let turn = CLOCK_TURN.lock().unwrap_or_else(|e| e.into_inner());
+                    let cluster = pg::clock_cluster();
+                    cluster.set_clock("+0");
+                    (cluster, Some(turn))
+                } else {
+                    (pg::cluster(), None)
+                };
+                let database = cluster.create_database();
+                vars.insert("ORCH_DB_URL".into(), database.url());
+                (Some(database), turn)
+            }
+        };
         Env {
             dir,
             db,
             repos,
             logs,
             vars,
+            backend,
+            pg,
+            clock_turn,
         }
     }
 
     pub fn path(&self) -> &Path {
         self.dir.path()
+    }
+
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    pub fn is_postgres(&self) -> bool {
+        self.backend == Backend::Postgres
+    }
+
+    /// This test's PostgreSQL database (panics on SQLite).
+    pub fn pg(&self) -> &pg::PgDatabase {
+        self.pg
+            .as_ref()
+            .expect("this test's database is SQLite, not PostgreSQL")
+    }
+
+    /// The database URL orchctl is given (`ORCH_DB_URL`), on PostgreSQL.
+    pub fn db_url(&self) -> Option<String> {
+        self.pg.as_ref().map(pg::PgDatabase::url)
+    }
+
+    /// Where the harness's own connections go.
+    pub fn target(&self) -> Target {
+        match &self.pg {
+            Some(d) => Target::Postgres(d.url()),
+            None => Target::Sqlite(self.db.clone()),
+        }
+    }
+
+    /// What the library opens.
+    pub fn db_target(&self) -> DbTarget {
+        match &self.pg {
+            Some(d) => DbTarget::Postgres(d.url()),
+            None => DbTarget::Sqlite(self.db.clone()),
+        }
     }
 
     pub fn set(&mut self, key: &str, value: &str) -> &mut Self {
@@ -79,13 +220,25 @@ impl Env {
         self.vars.get(key).map(String::as_str)
     }
 
+    /// Moves the database's clock for what runs next (libfaketime's spec, as given to
+    /// `faketime -f`: `+10d`, `2030-01-01 00:00:00`, `+0` for the real time). On SQLite
+    /// the clock is orchctl's own, which `faketime` moves: nothing to do here.
+    pub fn set_db_clock(&self, spec: &str) {
+        if let Some(d) = &self.pg {
+            assert!(
+                d.cluster.is_clocked(),
+                "a test that moves the clock makes its world with Env::clocked()"
+            );
+            d.cluster.set_clock(spec);
+        }
+    }
+
     /// The binary with exactly this test's environment.
     pub fn cmd(&self) -> Command {
         let mut c = Command::new(BIN);
         c.env_clear().envs(&self.vars).stdin(Stdio::null());
         c
     }
-
     /// Runs orchctl with `args`, asserts exit 0, parses stdout as JSON.
     pub fn json(&self, args: &[&str]) -> Value {
         let out = self.cmd().args(args).output().unwrap();
@@ -145,16 +298,71 @@ impl Env {
 
     /// The library's context on this test's database and configuration.
     pub fn ctx(&self) -> Ctx {
-        Ctx::open(&self.db, self.config()).unwrap()
+        Ctx::open_target(&self.db_target(), self.config())
+            .unwrap_or_else(|e| panic!("opening {:?}: {e:#}", self.db_target()))
     }
 
-    /// A plain SQLite connection, for seed-style inserts with plain SQL.
-    pub fn sql(&self) -> rusqlite::Connection {
-        // Opening through the library first creates and migrates the file.
+    /// A plain connection to the test's database, for seed-style SQL; the database is
+    /// created and migrated through the library first.
+    pub fn db(&self) -> TestDb {
         drop(self.ctx());
-        let c = rusqlite::Connection::open(&self.db).unwrap();
-        c.busy_timeout(Duration::from_secs(5)).unwrap();
-        c
+        self.db_raw()
+    }
+
+    /// A plain connection to the test's database as it is (not migrated; on SQLite,
+    /// opening creates an empty file).
+    pub fn db_raw(&self) -> TestDb {
+        TestDb::open(&self.target())
+    }
+
+    /// Whether orchctl created the database: SQLite's file exists; PostgreSQL's database
+    /// (which the harness creates empty) has a table.
+    pub fn database_created(&self) -> bool {
+        match self.backend {
+            Backend::Sqlite => self.db.exists(),
+            Backend::Postgres => !self.db_raw().tables().is_empty(),
+        }
+    }
+
+    /// The database held busy by another client until the guard is dropped.
+    pub fn hold_busy(&self) -> Busy {
+        drop(self.ctx());
+        self.hold_busy_raw()
+    }
+
+    /// [`Env::hold_busy`] on the database as it is (not migrated first).
+    pub fn hold_busy_raw(&self) -> Busy {
+        Busy::hold(&self.target())
+    }
+
+    /// Every row of every table, the schema and its version, as text (see [`TestDb::dump`]).
+    pub fn dump(&self) -> String {
+        self.db_raw().dump()
+    }
+
+    /// The state for "nothing changed" checks, taken with no connection of the harness
+    /// left open: the logical dump, and on SQLite the file's bytes (the dump's connection
+    /// is the last to close, so the write-ahead log is checkpointed first).
+    pub fn snapshot(&self) -> Snapshot {
+        let dump = self.db_raw().dump();
+        let files = match self.backend {
+            Backend::Sqlite => Some(db::sqlite_files(&self.db)),
+            Backend::Postgres => None,
+        };
+        Snapshot { dump, files }
+    }
+
+    /// Asserts the database is what `before` recorded (the dump names the difference).
+    pub fn assert_unchanged(&self, before: &Snapshot, what: &str) {
+        let now = self.snapshot();
+        assert_eq!(
+            now.dump, before.dump,
+            "{what}: the database content changed"
+        );
+        assert!(
+            now.files == before.files,
+            "{what}: the database file changed"
+        );
     }
 
     /// The seed's `_make_task`: a task inserted with plain SQL.
@@ -179,14 +387,11 @@ impl Env {
         let branch = branch
             .map(String::from)
             .unwrap_or_else(|| format!("feature/{work_item}-slug"));
-        let c = self.sql();
-        c.execute(
+        self.db().insert(
             "INSERT INTO tasks (plane_id, work_item_id, repo, branch, stage, plane_issue_id, title)
              VALUES (?1, ?2, ?3, ?4, ?5, ?1, ?2)",
-            rusqlite::params![plane_id, work_item, repo, branch, stage],
+            (plane_id, work_item, repo, branch, stage),
         )
-        .unwrap();
-        c.last_insert_rowid()
     }
 
     /// The seed's `_make_job`.
@@ -212,23 +417,17 @@ impl Env {
         attempts: i64,
         max_attempts: i64,
     ) -> i64 {
-        let c = self.sql();
-        c.execute(
+        let claimed_at = (status == "running").then(now_ts);
+        self.db().insert(
             "INSERT INTO jobs (agent, repo, task_id, status, pid, proc_start, run_id, attempts, max_attempts, claimed_at)
-             VALUES (?1, 'orchestrator', ?2, ?3, ?4, ?5, ?6, ?7, ?8,
-                     CASE WHEN ?3 = 'running' THEN strftime('%Y-%m-%dT%H:%M:%fZ','now') END)",
-            rusqlite::params![agent, task_id, status, pid, proc_start, run_id, attempts, max_attempts],
+             VALUES (?1, 'orchestrator', ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+            (agent, task_id, status, pid, proc_start, run_id, attempts, max_attempts, claimed_at),
         )
-        .unwrap();
-        c.last_insert_rowid()
     }
 
     pub fn job_status(&self, job_id: i64) -> String {
-        self.sql()
-            .query_row("SELECT status FROM jobs WHERE id = ?1", [job_id], |r| {
-                r.get(0)
-            })
-            .unwrap()
+        self.db()
+            .value("SELECT status FROM jobs WHERE id = ?1", [job_id])
     }
 
     pub fn task(&self, task_id: i64) -> orchctl::model::Task {
@@ -236,7 +435,7 @@ impl Env {
     }
 
     pub fn count(&self, sql: &str) -> i64 {
-        self.sql().query_row(sql, [], |r| r.get(0)).unwrap()
+        self.db().count(sql)
     }
 }
 
@@ -446,24 +645,26 @@ impl GitRepo {
 /// (supervisors lead their run's group), and every group that `dispatch` passes started
 /// meanwhile: agents the test itself never saw must not outlive it either.
 pub struct RecordedRuns {
-    db: PathBuf,
+    target: Target,
 }
 
 impl RecordedRuns {
     pub fn new(env: &Env) -> RecordedRuns {
-        RecordedRuns { db: env.db.clone() }
+        RecordedRuns {
+            target: env.target(),
+        }
     }
 
     fn groups(&self) -> Vec<i64> {
-        let Ok(c) = rusqlite::Connection::open(&self.db) else {
+        let Ok(db) = TestDb::try_open(&self.target) else {
             return Vec::new();
         };
-        let _ = c.busy_timeout(Duration::from_secs(5));
-        let Ok(mut stmt) = c.prepare("SELECT DISTINCT pid FROM jobs WHERE pid > 1") else {
-            return Vec::new();
-        };
-        stmt.query_map([], |r| r.get(0))
-            .map(|rows| rows.flatten().collect())
+        db.try_rows("SELECT DISTINCT pid FROM jobs WHERE pid > 1", ())
+            .map(|rows| {
+                rows.iter()
+                    .filter_map(|r| r.get::<Option<i64>>(0))
+                    .collect()
+            })
             .unwrap_or_default()
     }
 }

@@ -7,6 +7,7 @@
 use httpmock::prelude::*;
 use serde_json::{json, Value};
 
+use crate::common::db::Value as SqlValue;
 use crate::common::Env;
 use crate::event::{
     bytes, issue_id, sign, to_state, with_plane, APPROVED, CONFIRM_DEPLOY, PROJECT, REJECTED,
@@ -102,39 +103,34 @@ fn rows_of(env: &Env, task: i64) -> Vec<String> {
         "proc_start",
         "run_id",
     ];
-    let c = env.sql();
+    let db = env.db();
     let mut out = Vec::new();
     for (table, key) in [("tasks", "id"), ("jobs", "task_id")] {
-        let mut stmt = c
-            .prepare(&format!(
-                "SELECT * FROM {table} WHERE {key} = ?1 ORDER BY rowid"
-            ))
-            .unwrap();
-        let names: Vec<String> = stmt.column_names().iter().map(|n| n.to_string()).collect();
-        let rows = stmt
-            .query_map([task], |r| {
-                let mut cells = Vec::new();
-                for (i, name) in names.iter().enumerate() {
-                    let v = r.get_ref(i)?;
-                    let cell = if IDENTITY.contains(&name.as_str()) {
-                        format!("{name}={}", !matches!(v, ValueRef::Null))
+        let names = db.columns(table);
+        for row in db.rows(
+            &format!("SELECT * FROM {table} WHERE {key} = ?1 ORDER BY id"),
+            [task],
+        ) {
+            let cells: Vec<String> = names
+                .iter()
+                .zip(&row.0)
+                .map(|(name, v)| {
+                    if IDENTITY.contains(&name.as_str()) {
+                        format!("{name}={}", !matches!(v, SqlValue::Null))
                     } else {
                         match v {
-                            ValueRef::Null => format!("{name}=NULL"),
-                            ValueRef::Integer(x) => format!("{name}={x}"),
-                            ValueRef::Real(x) => format!("{name}={x}"),
-                            ValueRef::Text(t) => {
-                                format!("{name}={:?}", String::from_utf8_lossy(t))
-                            }
-                            ValueRef::Blob(b) => format!("{name}=x'{}'", hex::encode(b)),
+                            SqlValue::Null => format!("{name}=NULL"),
+                            SqlValue::Int(x) => format!("{name}={x}"),
+                            SqlValue::Real(x) => format!("{name}={x}"),
+                            SqlValue::Text(t) => format!("{name}={t:?}"),
+                            SqlValue::Bool(b) => format!("{name}={b}"),
+                            SqlValue::Blob(b) => format!("{name}=x'{}'", hex::encode(b)),
                         }
-                    };
-                    cells.push(cell);
-                }
-                Ok(format!("{table}: {}", cells.join(" ")))
-            })
-            .unwrap();
-        out.extend(rows.map(Result::unwrap));
+                    }
+                })
+                .collect();
+            out.push(format!("{table}: {}", cells.join(" ")));
+        }
     }
     out
 }
@@ -642,9 +638,8 @@ fn deploy_begin_on_a_task_in_analysis_is_refused_and_a_stop_is_then_a_full_reset
     let err = refused(&env, &["deploy-begin", "1"]);
     assert!(err.contains("is cancelled"), "{err}");
     let (done, _) = add(&env, &["--work-item", "ORCH-done", "--stage", "deploy"]);
-    env.sql()
-        .execute("UPDATE tasks SET stage = 'done' WHERE id = ?1", [done])
-        .unwrap();
+    env.db()
+        .execute("UPDATE tasks SET stage = 'done' WHERE id = ?1", [done]);
     let err = refused(&env, &["deploy-begin", "ORCH-done"]);
     assert!(err.contains("is done"), "{err}");
     // In deploy, but with a STOP pending: refused too, naming the stop, nothing changed.

@@ -271,7 +271,7 @@ impl Ending<'_> {
         }
     }
 
-    fn write(&self, w: &Writer, me: &EffectOwner) -> Result<()> {
+    fn write(&self, w: &Writer, me: &EffectOwner, log_host: Option<&str>) -> Result<()> {
         for (kind, detail) in &self.notes {
             let mut detail = detail.clone();
             detail["outbox_id"] = json!(self.row.id);
@@ -286,7 +286,7 @@ impl Ending<'_> {
                 result.as_deref(),
                 error.as_deref(),
                 self.attempt,
-                me.host.as_deref(),
+                log_host,
             )?;
         }
         Ok(())
@@ -307,6 +307,9 @@ pub fn run_rows(ctx: &Ctx, rows: &[OutboxRow]) -> Result<Vec<EffectReport>> {
         start: Some(start),
     };
     let lease = lease_secs(&ctx.config);
+    // Which host ran an effect is worth a log entry where several hosts share the
+    // database; a single host's log stays as it was.
+    let log_host = matches!(ctx.store, crate::store::Store::Postgres(_)).then(|| ctx.host());
     let mut out = Vec::with_capacity(rows.len());
     let mut held_elsewhere: HashSet<i64> = HashSet::new();
     let mut ending: Option<Ending> = None;
@@ -356,7 +359,7 @@ pub fn run_rows(ctx: &Ctx, rows: &[OutboxRow]) -> Result<Vec<EffectReport>> {
             let prev = ending.take();
             ctx.store.write(|w| {
                 if let Some(e) = &prev {
-                    e.write(w, &me)?;
+                    e.write(w, &me, log_host)?;
                 }
                 if w.fail_effect(row.id, &error)? {
                     log_end(
@@ -366,7 +369,7 @@ pub fn run_rows(ctx: &Ctx, rows: &[OutboxRow]) -> Result<Vec<EffectReport>> {
                         None,
                         Some(&error),
                         row.attempts,
-                        me.host.as_deref(),
+                        log_host,
                     )?;
                 }
                 Ok(())
@@ -377,7 +380,7 @@ pub fn run_rows(ctx: &Ctx, rows: &[OutboxRow]) -> Result<Vec<EffectReport>> {
         let prev = ending.take();
         let claim = ctx.store.write(|w| {
             if let Some(e) = &prev {
-                e.write(w, &me)?;
+                e.write(w, &me, log_host)?;
             }
             // The agent first: while stopping it waits for a retry (or for the host that
             // launched it), its worktree and branch stay, or it could recreate or push
@@ -432,7 +435,7 @@ pub fn run_rows(ctx: &Ctx, rows: &[OutboxRow]) -> Result<Vec<EffectReport>> {
         ending = Some(e);
     }
     if let Some(e) = ending {
-        ctx.store.write(|w| e.write(w, &me))?;
+        ctx.store.write(|w| e.write(w, &me, log_host))?;
     }
     Ok(out)
 }

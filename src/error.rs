@@ -81,6 +81,10 @@ pub fn config_err(message: impl Into<String>) -> anyhow::Error {
 /// code (a database busy past its timeout, a conflict: temporary; a schema newer than this
 /// binary: configuration) — the store attaches it, whatever its backend.
 pub fn exit_kind(err: &anyhow::Error) -> ExitKind {
+    // A context layer is found by anyhow's own downcast, a cause by a walk of the chain.
+    if let Some(coded) = err.downcast_ref::<Coded>() {
+        return coded.kind;
+    }
     for cause in err.chain() {
         if let Some(coded) = cause.downcast_ref::<Coded>() {
             return coded.kind;

@@ -362,15 +362,7 @@ pub fn run_rows(ctx: &Ctx, rows: &[OutboxRow]) -> Result<Vec<EffectReport>> {
                     e.write(w, &me, log_host)?;
                 }
                 if w.fail_effect(row.id, &error)? {
-                    log_end(
-                        w,
-                        row,
-                        "failed",
-                        None,
-                        Some(&error),
-                        row.attempts,
-                        log_host,
-                    )?;
+                    log_end(w, row, "failed", None, Some(&error), row.attempts, log_host)?;
                 }
                 Ok(())
             })?;

@@ -980,12 +980,15 @@ fn a_dependency_finished_by_another_tool_frees_its_dependent_for_the_next_claim(
         "ORCH-100",
     ]);
     let job = v["job"]["id"].as_i64().unwrap();
-    assert_eq!(
-        env.count(&format!(
-            "SELECT count(*) FROM jobs WHERE id = {job} AND held = 1"
-        )),
-        1
-    );
+    // SQLite marks it (PostgreSQL's claim tests the dependencies of each job it walks).
+    if !env.db().is_postgres() {
+        assert_eq!(
+            env.count(&format!(
+                "SELECT count(*) FROM jobs WHERE id = {job} AND held = 1"
+            )),
+            1
+        );
+    }
     assert_eq!(env.run(&["claim", "--agent", "developer"]).0, 3);
     env.db()
         .execute("UPDATE tasks SET stage = 'done' WHERE id = ?1", [dep]);

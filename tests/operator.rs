@@ -926,8 +926,19 @@ fn queue_awaiting_lists_exactly_the_waiting_tasks_of_a_mixed_database() {
         "INSERT INTO jobs (agent, repo, task_id, status) VALUES ('analyst', 'orchestrator', ?1, 'queued')",
         [parked],
     );
-    let stale = || env.count("SELECT count(*) FROM task_waits_stale");
-    assert_eq!(stale(), 2);
+    // SQLite keeps what tasks wait for in a table of its own and marks what plain SQL
+    // changed (PostgreSQL reads it from the rows each time: nothing to mark or settle).
+    let kept = !c.is_postgres();
+    let stale = || {
+        if kept {
+            env.count("SELECT count(*) FROM task_waits_stale")
+        } else {
+            0
+        }
+    };
+    if kept {
+        assert_eq!(stale(), 2);
+    }
     let check = |when: &str| {
         let q = env.json(&["queue"]);
         assert_eq!(q["awaiting"]["counts"]["failed"], 3, "{when}: {q}");

@@ -354,15 +354,29 @@ fn broken_blocks(v: &Value) -> Vec<String> {
 /// into its minimal form with an `error`, every other block is intact, exit 0.
 #[test]
 fn tc09_a_broken_block_is_minimal_with_error_and_the_rest_intact() {
-    let cases: [(&str, &str); 5] = [
+    // What each breakage takes down besides its block: on PostgreSQL what tasks wait for
+    // is read from the tasks themselves (SQLite keeps a table of its own), and job counts
+    // are counted from the jobs (SQLite keeps counters, which it can lose alone).
+    let postgres = Env::new().db().is_postgres();
+    let mut cases: Vec<(&str, &str, Vec<&str>)> = vec![
         // The stop block reads the tasks table.
-        ("ALTER TABLE tasks RENAME TO tasks_elsewhere", "stop"),
-        ("DROP TABLE outbox", "outbox"),
-        ("DROP TABLE job_counts", "counts"),
-        ("DROP TABLE merge_leases", "serial_gate"),
-        ("ALTER TABLE jobs RENAME TO jobs_elsewhere", "recent"),
+        (
+            "ALTER TABLE tasks RENAME TO tasks_elsewhere",
+            "stop",
+            if postgres { vec!["awaiting"] } else { vec![] },
+        ),
+        ("DROP TABLE outbox", "outbox", vec![]),
+        ("DROP TABLE merge_leases", "serial_gate", vec![]),
     ];
-    for (sql, broken) in cases {
+    if !postgres {
+        cases.push(("DROP TABLE job_counts", "counts", vec![]));
+        cases.push((
+            "ALTER TABLE jobs RENAME TO jobs_elsewhere",
+            "recent",
+            vec![],
+        ));
+    }
+    for (sql, broken, also) in cases {
         let env = Env::new();
         env.json(&[
             "task",
@@ -384,7 +398,10 @@ fn tc09_a_broken_block_is_minimal_with_error_and_the_rest_intact() {
         assert_eq!(code, 0, "{sql}: {stderr}");
         let v: Value =
             serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("{sql}: {e}: {stdout}"));
-        assert_eq!(broken_blocks(&v), vec![broken.to_string()], "{sql}: {v}");
+        let mut expected: Vec<String> = also.iter().map(|b| b.to_string()).collect();
+        expected.push(broken.to_string());
+        expected.sort();
+        assert_eq!(broken_blocks(&v), expected, "{sql}: {v}");
         let q: Queue = serde_json::from_value(v.clone()).expect("still the snapshot's shape");
 
         // Every other block equals what it was before the breakage.
@@ -397,7 +414,7 @@ fn tc09_a_broken_block_is_minimal_with_error_and_the_rest_intact() {
             "outbox",
             "stop",
         ] {
-            if key != broken {
+            if key != broken && !also.contains(&key) {
                 assert_eq!(v[key], intact[key], "{sql}: block {key} changed");
             }
         }

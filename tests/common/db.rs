@@ -771,9 +771,28 @@ impl TestDb {
                 &format!("SELECT * FROM \"{t}\" ORDER BY {}", order.join(", ")),
                 (),
             );
+            // A host's heartbeat is when it was last seen (every command records it, SPEC
+            // §12), not state a command changed: it is left out.
+            let seen = if t == "hosts" {
+                self.columns(&t).iter().position(|c| c == "last_seen_at")
+            } else {
+                None
+            };
             let rows = rows
                 .iter()
-                .map(|r| r.0.iter().map(Value::dump).collect::<Vec<_>>().join(" | "))
+                .map(|r| {
+                    r.0.iter()
+                        .enumerate()
+                        .map(|(i, v)| {
+                            if Some(i) == seen {
+                                "<seen>".to_string()
+                            } else {
+                                v.dump()
+                            }
+                        })
+                        .collect::<Vec<_>>()
+                        .join(" | ")
+                })
                 .collect();
             out.insert(t, rows);
         }
@@ -829,9 +848,8 @@ fn sqlite_value(r: &rusqlite::Row, i: usize) -> rusqlite::Result<Value> {
 // ------------------------------------------------------------------------------- busy
 
 /// The database held busy by another client until dropped (or [`Busy::release`]d): on
-/// SQLite an open `BEGIN IMMEDIATE`; on PostgreSQL an open transaction holding
-/// `LOCK TABLE jobs IN ACCESS EXCLUSIVE MODE`, which every command that reads or writes
-/// jobs waits behind.
+/// SQLite an open `BEGIN IMMEDIATE`; on PostgreSQL an open transaction holding every
+/// table `IN ACCESS EXCLUSIVE MODE`, which every command waits behind.
 pub struct Busy {
     db: Option<TestDb>,
 }
@@ -841,7 +859,18 @@ impl Busy {
         let db = TestDb::open(target);
         match &db {
             TestDb::Sqlite(_) => db.batch("BEGIN IMMEDIATE"),
-            TestDb::Postgres(_) => db.batch("BEGIN; LOCK TABLE jobs IN ACCESS EXCLUSIVE MODE"),
+            // Every table: as SQLite's write lock, every command waits behind it.
+            TestDb::Postgres(_) => {
+                let tables = db.tables();
+                db.batch(&format!(
+                    "BEGIN; LOCK TABLE {} IN ACCESS EXCLUSIVE MODE",
+                    tables
+                        .iter()
+                        .map(|t| format!("\"{t}\""))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ))
+            }
         }
         Busy { db: Some(db) }
     }

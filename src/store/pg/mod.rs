@@ -293,6 +293,15 @@ fn classify(err: anyhow::Error) -> anyhow::Error {
     let pg = err
         .chain()
         .find_map(|c| c.downcast_ref::<postgres::Error>());
+    // Text PostgreSQL cannot store (a NUL byte) is bad input, as SQLite's refusals are.
+    if let Some(s) = pg.and_then(|e| e.code()) {
+        if *s == SqlState::CHARACTER_NOT_IN_REPERTOIRE || *s == SqlState::UNTRANSLATABLE_CHARACTER {
+            return err.context(crate::error::Coded::new(
+                crate::error::ExitKind::DataErr,
+                "text with a NUL byte cannot be stored in PostgreSQL",
+            ));
+        }
+    }
     let kind = match pg.and_then(|e| e.code()) {
         Some(s)
             if *s == SqlState::LOCK_NOT_AVAILABLE

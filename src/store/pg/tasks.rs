@@ -42,6 +42,10 @@ impl TaskReads for PgTx<'_> {
 
     fn find_task(&self, reference: &str) -> Result<Option<Task>> {
         let reference = reference.trim();
+        // PostgreSQL text cannot hold a NUL: no stored key has one.
+        if reference.contains('\0') {
+            return Ok(None);
+        }
         if let Ok(id) = reference.parse::<i64>() {
             return self.task(id);
         }
@@ -60,6 +64,9 @@ impl TaskReads for PgTx<'_> {
     }
 
     fn find_task_by_plane_issue(&self, issue_id: &str) -> Result<Option<Task>> {
+        if issue_id.contains('\0') {
+            return Ok(None);
+        }
         self.task_opt(
             &format!(
                 "SELECT {TASK_COLS} FROM tasks WHERE id = (
@@ -74,6 +81,9 @@ impl TaskReads for PgTx<'_> {
     }
 
     fn find_tombstoned(&self, reference: &str) -> Result<Option<i64>> {
+        if reference.contains('\0') {
+            return Ok(None);
+        }
         Ok(self
             .ids(
                 "SELECT id FROM tasks

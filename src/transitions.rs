@@ -143,15 +143,10 @@ pub fn check(r: &Reader, task: &Task, on: Trigger) -> Result<Result<&'static Mov
     {
         return Ok(Err(Refusal::DeployWindowOpen));
     }
+    // SPEC §14: a job of its stage still queued or running — a Confirm Deploy's deployer
+    // that has not started included — leaves the task where it is.
     if let Some(job) = r.active_job(task.id)? {
-        // Parked awaiting Confirm Deploy, a rejection withdraws a confirmation whose
-        // deployer has not started yet: that queued job is superseded, not a reason to wait.
-        let withdrawn = task.stage == Stage::Deploy
-            && on == Trigger::Rejected
-            && job.status == JobStatus::Queued;
-        if !withdrawn {
-            return Ok(Err(Refusal::JobActive(task.stage, Box::new(job))));
-        }
+        return Ok(Err(Refusal::JobActive(task.stage, Box::new(job))));
     }
     if on == Trigger::Retry {
         let agent = task

@@ -546,20 +546,16 @@ fn rejected_while_parked_awaiting_confirm_deploy_goes_back_to_development() {
         .store
         .write(|w| w.acquire_lease("orchestrator", "feature/ORCH-1-p", parked))
         .unwrap();
-    let queued = env.make_job_full(parked, "deployer", "queued", None, None, None, 0, 2);
+    let failed = env.make_job_full(parked, "deployer", "failed", None, None, Some(3), 2, 2);
 
     let r = ok(&env, &bytes(&to_state(&issue_id(1), REJECTED)));
 
     assert_eq!(r["action"], "job_queued", "{r}");
     assert_eq!(env.task(parked).stage, "development");
-    assert_eq!(
-        env.job_status(queued),
-        "cancelled",
-        "the queued deployer is superseded"
-    );
+    assert_eq!(env.job_status(failed), "failed");
     assert_eq!(
         agents_of(&env, parked),
-        ["deployer:cancelled", "developer:queued"]
+        ["deployer:failed", "developer:queued"]
     );
     assert!(env
         .ctx()
@@ -567,6 +563,19 @@ fn rejected_while_parked_awaiting_confirm_deploy_goes_back_to_development() {
         .read(|r| r.lease("orchestrator"))
         .unwrap()
         .is_none());
+
+    // SPEC §14: a job of its stage still queued (a Confirm Deploy's deployer that has not
+    // started) is a reason to refuse, and nothing changes.
+    let confirmed = env.make_task(&issue_id(3), "ORCH-3", "deploy", None);
+    let queued = env.make_job_full(confirmed, "deployer", "queued", None, None, None, 0, 2);
+    let r = ok(&env, &bytes(&to_state(&issue_id(3), REJECTED)));
+    assert_eq!(
+        (r["action"].as_str(), r["note"].as_str()),
+        (Some("ignored"), Some("job-active")),
+        "{r}"
+    );
+    assert_eq!(env.task(confirmed).stage, "deploy");
+    assert_eq!(env.job_status(queued), "queued");
 
     // With a deployer running (the window is open) the rejection is not applied.
     let busy = env.make_task(&issue_id(2), "ORCH-2", "deploy", None);

@@ -395,7 +395,6 @@ fn applies(command: &str, case: &str) -> bool {
             "review, reviewer done",
             "review, reviewer failed",
             "deploy, parked",
-            "deploy, deployer queued",
             "deploy, deployer failed",
         ],
         "confirm-deploy" => &["deploy, parked", "deploy, deployer failed"],
@@ -440,7 +439,7 @@ fn each_operator_command_is_refused_wherever_it_does_not_apply_and_changes_nothi
             refusals += 1;
         }
     }
-    assert_eq!(refusals, 4 * 18 + 8 - 15, "every pair was tried");
+    assert_eq!(refusals, 4 * 18 + 8 - 14, "every pair was tried");
     // ... and where it applies, it does change something.
     for command in ["approve", "reject", "confirm-deploy", "retry"] {
         let env = Env::new();
@@ -480,8 +479,8 @@ fn a_plane_delivery_and_the_command_leave_twin_tasks_equal() {
         env.make_job_full(t, "analyst", "done", None, None, Some(t * 10), 1, 2);
     };
     let nothing: Setup = |_, _| {};
-    let queued_deployer_with_lease: Setup = |env, t| {
-        env.make_job_full(t, "deployer", "queued", None, None, None, 0, 2);
+    let failed_deployer_with_lease: Setup = |env, t| {
+        env.make_job_full(t, "deployer", "failed", None, None, Some(t * 10), 2, 2);
         let branch = env.task(t).branch.unwrap();
         env.ctx()
             .store
@@ -495,7 +494,7 @@ fn a_plane_delivery_and_the_command_leave_twin_tasks_equal() {
         ("analysis", parked_analysis, APPROVED, &["approve"]),
         ("analysis", parked_analysis, REJECTED, &["reject"]),
         ("review", nothing, REJECTED, &["reject"]),
-        ("deploy", queued_deployer_with_lease, REJECTED, &["reject"]),
+        ("deploy", failed_deployer_with_lease, REJECTED, &["reject"]),
         ("deploy", nothing, CONFIRM_DEPLOY, &["confirm-deploy"]),
         // Refused by both: wrong stage, and a job still running.
         ("development", nothing, APPROVED, &["approve"]),

@@ -531,6 +531,25 @@ pub fn alive(pid: i32) -> bool {
         .unwrap_or(false)
 }
 
+impl Drop for Env {
+    /// SPEC §12: with `ORCH_DB_URL` set the URL wins, so no SQLite file may appear — checked
+    /// after every PostgreSQL test that left the URL as the harness set it.
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            return;
+        }
+        if let Some(d) = &self.pg {
+            if self.vars.get("ORCH_DB_URL") == Some(&d.url()) && self.db.exists() {
+                panic!(
+                    "orchctl created the SQLite file {} although ORCH_DB_URL was set \
+                     (SPEC §12: the URL wins)",
+                    self.db.display()
+                );
+            }
+        }
+    }
+}
+
 /// Kills a whole process group when dropped (for agents that orchctl launched).
 pub struct GroupGuard(pub i64);
 

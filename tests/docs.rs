@@ -502,9 +502,14 @@ fn the_example_environment_file_has_every_variable_with_its_default() {
 #[test]
 fn the_example_environment_file_is_valid_configuration() {
     let env = Env::new();
+    // On a PostgreSQL run, its URL too (which then wins over the path).
+    let url = env
+        .db_url()
+        .map(|u| format!("ORCH_DB_URL='{u}' "))
+        .unwrap_or_default();
     let script = format!(
         "set -a; . '{}'; set +a; \
-         ORCH_DB_PATH='{}' ORCH_REPOS_DIR='{}' ORCH_LOG_DIR='{}' exec '{}' --format json queue",
+         {url}ORCH_DB_PATH='{}' ORCH_REPOS_DIR='{}' ORCH_LOG_DIR='{}' exec '{}' --format json queue",
         root().join("scripts/orchctl.env").display(),
         env.db.display(),
         env.repos.display(),

@@ -120,14 +120,21 @@ fn postgres_harness_two_databases_and_the_test_db_api() {
     assert_eq!(db.schema_version(), 999);
     assert!(a.snapshot().dump.starts_with("schema version 999\n"));
 
-    // Busy: a transaction holding jobs in ACCESS EXCLUSIVE mode makes others wait.
+    // Busy: jobs held in ACCESS EXCLUSIVE mode, every other table in EXCLUSIVE mode: any
+    // use of jobs and any write waits (here: times out), plain reads go on.
     let busy = a.hold_busy_raw();
     let other = a.db_raw();
     other.batch("SET lock_timeout = '100ms'");
     let err = other.try_rows("SELECT count(*) FROM jobs", ()).unwrap_err();
     assert!(err.contains("55P03"), "lock timeout: {err}");
+    let err = other
+        .try_rows("UPDATE items SET n = n + 1 RETURNING id", ())
+        .unwrap_err();
+    assert!(err.contains("55P03"), "lock timeout: {err}");
+    assert_eq!(other.count("SELECT count(*) FROM items"), 2);
     busy.release();
     assert_eq!(other.count("SELECT count(*) FROM jobs"), 0);
+    assert_eq!(other.execute("UPDATE items SET n = n + 1", ()), 2);
 }
 
 #[test]

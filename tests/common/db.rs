@@ -829,9 +829,10 @@ fn sqlite_value(r: &rusqlite::Row, i: usize) -> rusqlite::Result<Value> {
 // ------------------------------------------------------------------------------- busy
 
 /// The database held busy by another client until dropped (or [`Busy::release`]d): on
-/// SQLite an open `BEGIN IMMEDIATE`; on PostgreSQL an open transaction holding
-/// `LOCK TABLE jobs IN ACCESS EXCLUSIVE MODE`, which every command that reads or writes
-/// jobs waits behind.
+/// SQLite an open `BEGIN IMMEDIATE` (every write waits, reads go on); on PostgreSQL an
+/// open transaction holding `LOCK TABLE jobs IN ACCESS EXCLUSIVE MODE`, which every
+/// command that reads or writes jobs waits behind, and every other table in `EXCLUSIVE`
+/// mode, so that, as on SQLite, any write waits while plain reads of them go on.
 pub struct Busy {
     db: Option<TestDb>,
 }
@@ -841,7 +842,21 @@ impl Busy {
         let db = TestDb::open(target);
         match &db {
             TestDb::Sqlite(_) => db.batch("BEGIN IMMEDIATE"),
-            TestDb::Postgres(_) => db.batch("BEGIN; LOCK TABLE jobs IN ACCESS EXCLUSIVE MODE"),
+            TestDb::Postgres(_) => {
+                db.batch("BEGIN; LOCK TABLE jobs IN ACCESS EXCLUSIVE MODE");
+                let others: Vec<String> = db
+                    .tables()
+                    .into_iter()
+                    .filter(|t| t != "jobs")
+                    .map(|t| format!("\"{t}\""))
+                    .collect();
+                if !others.is_empty() {
+                    db.batch(&format!(
+                        "LOCK TABLE {} IN EXCLUSIVE MODE",
+                        others.join(", ")
+                    ));
+                }
+            }
         }
         Busy { db: Some(db) }
     }

@@ -109,6 +109,19 @@ fn postgres_harness_two_databases_and_the_test_db_api() {
         t.execute("UPDATE items SET note = ?1 WHERE id = ?2", ("x", 1i64));
     });
     assert_ne!(a.snapshot(), before);
+    // A host's heartbeat is no data: a dump does not see it move, but sees the rest.
+    db.batch(
+        "CREATE TABLE hosts (id TEXT PRIMARY KEY, last_seen_at TEXT NOT NULL, dead_since TEXT);
+         INSERT INTO hosts VALUES ('h1', '2026-01-01T00:00:00.000Z', NULL)",
+    );
+    let seen = a.snapshot();
+    db.execute(
+        "UPDATE hosts SET last_seen_at = ?1",
+        [crate::common::now_ts()],
+    );
+    assert_eq!(a.snapshot(), seen, "a heartbeat changes nothing");
+    db.execute("UPDATE hosts SET dead_since = last_seen_at", ());
+    assert_ne!(a.snapshot(), seen);
     // The other database is another world.
     assert!(b.db_raw().tables().is_empty());
 

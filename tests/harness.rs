@@ -191,6 +191,15 @@ fn postgres_harness_the_url_form_is_taken_by_psql_and_the_postgres_crate() {
         refused.as_deref().is_some_and(|e| e.contains("password")),
         "{refused:?}"
     );
+    // What orchctl is given when a test makes it use the password role.
+    let mut env = env;
+    assert_eq!(env.use_password_role(true), SECRET_PASSWORD);
+    assert!(env.var("ORCH_DB_URL").unwrap().contains(SECRET_PASSWORD));
+    assert_eq!(env.var("ORCH_DB_PASSWORD"), None);
+    env.use_password_role(false);
+    assert!(!env.var("ORCH_DB_URL").unwrap().contains(SECRET_PASSWORD));
+    assert_eq!(env.var("ORCH_DB_PASSWORD"), Some(SECRET_PASSWORD));
+    let d = env.pg();
     let wrong = d
         .password_url()
         .replace(SECRET_PASSWORD, "not-the-password");

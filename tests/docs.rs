@@ -161,6 +161,33 @@ fn ci_and_the_test_script_install_every_tool_the_checks_need() {
     }
 }
 
+/// The PostgreSQL pass needs PostgreSQL's server, whose binaries Debian keeps off `PATH`
+/// (/usr/lib/postgresql/<version>/bin): both scripts look there and install `postgresql`
+/// when it is missing, and the test script runs the suite on both backends, the second
+/// skipping the SQLite-only tests by name.
+#[test]
+fn ci_and_the_test_script_install_postgresql_and_run_both_backends() {
+    for script in [".ci/run", "scripts/test"] {
+        let text = read(script);
+        assert!(
+            text.contains("/usr/lib/postgresql/*/bin/initdb")
+                && text.contains("missing+=(postgresql)"),
+            "{script} does not install postgresql when its server is missing"
+        );
+    }
+    let test = read("scripts/test");
+    assert!(test.contains("passes=(sqlite postgres)"), "{test}");
+    assert!(
+        test.contains("ORCH_TEST_BACKEND=$backend cargo test --locked"),
+        "{test}"
+    );
+    assert!(test.contains("skip=(--skip sqlite_only)"), "{test}");
+    assert!(
+        read(".ci/run").trim_end().ends_with("exec scripts/test"),
+        "CI runs the test script"
+    );
+}
+
 fn sh(program: &str, args: &[&str]) -> (bool, String, String) {
     let out = Command::new(program)
         .args(args)
@@ -485,9 +512,14 @@ fn the_example_environment_file_has_every_variable_with_its_default() {
 #[test]
 fn the_example_environment_file_is_valid_configuration() {
     let env = Env::new();
+    // On a PostgreSQL run, its URL too (which then wins over the path).
+    let url = env
+        .db_url()
+        .map(|u| format!("ORCH_DB_URL='{u}' "))
+        .unwrap_or_default();
     let script = format!(
         "set -a; . '{}'; set +a; \
-         ORCH_DB_PATH='{}' ORCH_REPOS_DIR='{}' ORCH_LOG_DIR='{}' exec '{}' --format json queue",
+         {url}ORCH_DB_PATH='{}' ORCH_REPOS_DIR='{}' ORCH_LOG_DIR='{}' exec '{}' --format json queue",
         root().join("scripts/orchctl.env").display(),
         env.db.display(),
         env.repos.display(),

@@ -109,6 +109,19 @@ fn postgres_harness_two_databases_and_the_test_db_api() {
         t.execute("UPDATE items SET note = ?1 WHERE id = ?2", ("x", 1i64));
     });
     assert_ne!(a.snapshot(), before);
+    // A host's heartbeat is no data: a dump does not see it move, but sees the rest.
+    db.batch(
+        "CREATE TABLE hosts (id TEXT PRIMARY KEY, last_seen_at TEXT NOT NULL, dead_since TEXT);
+         INSERT INTO hosts VALUES ('h1', '2026-01-01T00:00:00.000Z', NULL)",
+    );
+    let seen = a.snapshot();
+    db.execute(
+        "UPDATE hosts SET last_seen_at = ?1",
+        [crate::common::now_ts()],
+    );
+    assert_eq!(a.snapshot(), seen, "a heartbeat changes nothing");
+    db.execute("UPDATE hosts SET dead_since = last_seen_at", ());
+    assert_ne!(a.snapshot(), seen);
     // The other database is another world.
     assert!(b.db_raw().tables().is_empty());
 
@@ -120,14 +133,21 @@ fn postgres_harness_two_databases_and_the_test_db_api() {
     assert_eq!(db.schema_version(), 999);
     assert!(a.snapshot().dump.starts_with("schema version 999\n"));
 
-    // Busy: a transaction holding jobs in ACCESS EXCLUSIVE mode makes others wait.
+    // Busy: jobs held in ACCESS EXCLUSIVE mode, every other table in EXCLUSIVE mode: any
+    // use of jobs and any write waits (here: times out), plain reads go on.
     let busy = a.hold_busy_raw();
     let other = a.db_raw();
     other.batch("SET lock_timeout = '100ms'");
     let err = other.try_rows("SELECT count(*) FROM jobs", ()).unwrap_err();
     assert!(err.contains("55P03"), "lock timeout: {err}");
+    let err = other
+        .try_rows("UPDATE items SET n = n + 1 RETURNING id", ())
+        .unwrap_err();
+    assert!(err.contains("55P03"), "lock timeout: {err}");
+    assert_eq!(other.count("SELECT count(*) FROM items"), 2);
     busy.release();
     assert_eq!(other.count("SELECT count(*) FROM jobs"), 0);
+    assert_eq!(other.execute("UPDATE items SET n = n + 1", ()), 2);
 }
 
 #[test]
@@ -171,6 +191,15 @@ fn postgres_harness_the_url_form_is_taken_by_psql_and_the_postgres_crate() {
         refused.as_deref().is_some_and(|e| e.contains("password")),
         "{refused:?}"
     );
+    // What orchctl is given when a test makes it use the password role.
+    let mut env = env;
+    assert_eq!(env.use_password_role(true), SECRET_PASSWORD);
+    assert!(env.var("ORCH_DB_URL").unwrap().contains(SECRET_PASSWORD));
+    assert_eq!(env.var("ORCH_DB_PASSWORD"), None);
+    env.use_password_role(false);
+    assert!(!env.var("ORCH_DB_URL").unwrap().contains(SECRET_PASSWORD));
+    assert_eq!(env.var("ORCH_DB_PASSWORD"), Some(SECRET_PASSWORD));
+    let d = env.pg();
     let wrong = d
         .password_url()
         .replace(SECRET_PASSWORD, "not-the-password");

@@ -111,7 +111,7 @@ fn an_agent_completes_its_own_run_and_the_pipeline_moves_on() {
         "--",
         "sh",
         "-c",
-        "test -n \"$ORCH_DB_PATH$ORCH_DB_URL\" && exec \"$0\" complete \"$ORCH_JOB_ID\" --success",
+        "test -n \"${ORCH_DB_URL:-$ORCH_DB_PATH}\" && exec \"$0\" complete \"$ORCH_JOB_ID\" --success",
         BIN,
     ]);
     let _guard = GroupGuard(claimed["pid"].as_i64().unwrap());

@@ -190,7 +190,7 @@ pub fn pipeline() -> Env {
     env.db()
         .execute(
             "INSERT INTO outbox (task_id, kind, payload, status, attempts, last_error)
-             VALUES (4, 'delete_remote_branch', '{\"repo\":\"demo\",\"branch\":\"feature/DEMO-4-dropped\"}',
+             VALUES ((SELECT id FROM tasks WHERE work_item_id LIKE 'DEMO-4%'), 'delete_remote_branch', '{\"repo\":\"demo\",\"branch\":\"feature/DEMO-4-dropped\"}',
                      'failed', 10, 'Gitea answered 403: branch is protected')",
             (),
         );

@@ -388,22 +388,40 @@ pub fn to_postgres_sql(sql: &str, types: &[&'static str]) -> String {
     out
 }
 
-fn pg_params(list: &[(Value, &'static str)]) -> Vec<Box<dyn ToSql + Sync>> {
+/// The bound values with their types: typed statements take one round trip (no separate
+/// prepare), which the many small queries of a dump add up to.
+type PgParams = Vec<(Box<dyn ToSql + Sync>, Type)>;
+
+fn pg_params(list: &[(Value, &'static str)]) -> PgParams {
     list.iter()
-        .map(|(v, ty)| -> Box<dyn ToSql + Sync> {
-            match (v, *ty) {
-                (Value::Int(i), _) => Box::new(*i),
-                (Value::Real(f), _) => Box::new(*f),
-                (Value::Text(s), _) => Box::new(s.clone()),
-                (Value::Bool(b), _) => Box::new(*b),
-                (Value::Blob(b), _) => Box::new(b.clone()),
-                (Value::Null, "int8") => Box::new(None::<i64>),
-                (Value::Null, "float8") => Box::new(None::<f64>),
-                (Value::Null, "bool") => Box::new(None::<bool>),
-                (Value::Null, _) => Box::new(None::<String>),
-            }
+        .map(|(v, ty)| -> (Box<dyn ToSql + Sync>, Type) {
+            let t = match *ty {
+                "int8" => Type::INT8,
+                "float8" => Type::FLOAT8,
+                "bool" => Type::BOOL,
+                "bytea" => Type::BYTEA,
+                _ => Type::TEXT,
+            };
+            let b: Box<dyn ToSql + Sync> = match v {
+                Value::Int(i) => Box::new(*i),
+                Value::Real(f) => Box::new(*f),
+                Value::Text(s) => Box::new(s.clone()),
+                Value::Bool(b) => Box::new(*b),
+                Value::Blob(b) => Box::new(b.clone()),
+                Value::Null => match t {
+                    Type::INT8 => Box::new(None::<i64>),
+                    Type::FLOAT8 => Box::new(None::<f64>),
+                    Type::BOOL => Box::new(None::<bool>),
+                    _ => Box::new(None::<String>),
+                },
+            };
+            (b, t)
         })
         .collect()
+}
+
+fn typed(params: &PgParams) -> Vec<(&(dyn ToSql + Sync), Type)> {
+    params.iter().map(|(b, t)| (&**b, t.clone())).collect()
 }
 
 fn sqlite_params(list: &[(Value, &'static str)]) -> Vec<rusqlite::types::Value> {
@@ -492,6 +510,13 @@ fn numeric(raw: &[u8]) -> Result<Value, Box<dyn std::error::Error + Sync + Send>
 
 // ---------------------------------------------------------------------------- handles
 
+/// Columns that are no data: a host's heartbeat, which every command records (SPEC §12:
+/// "every command records its host's `last_seen_at`"), refused ones and read-only ones
+/// included. A "nothing changed" dump leaves them out; every other column of the `hosts`
+/// row (the host, its boot, whether it was judged dead) is compared.
+pub const HEARTBEATS: [(&str, &str); 2] =
+    [("hosts", "last_seen_at"), ("orchctl_hosts", "last_seen_at")];
+
 /// Where a test's database is: what [`TestDb::open`] connects to.
 #[derive(Clone, Debug)]
 pub enum Target {
@@ -537,9 +562,8 @@ impl TestDb {
                 .unwrap_or_else(|e| panic!("{e}: {sql}")),
             TestDb::Postgres(c) => {
                 let (sql, boxed) = pg_statement(sql, &list);
-                let refs: Vec<&(dyn ToSql + Sync)> = boxed.iter().map(|b| &**b).collect();
                 c.borrow_mut()
-                    .execute(sql.as_str(), &refs)
+                    .execute_typed(&sql, &typed(&boxed))
                     .unwrap_or_else(|e| panic!("{}: {sql}", pg_error(&e))) as usize
             }
         }
@@ -603,10 +627,9 @@ impl TestDb {
             }
             TestDb::Postgres(c) => {
                 let (sql, boxed) = pg_statement(sql, &list);
-                let refs: Vec<&(dyn ToSql + Sync)> = boxed.iter().map(|b| &**b).collect();
                 let rows = c
                     .borrow_mut()
-                    .query(sql.as_str(), &refs)
+                    .query_typed(&sql, &typed(&boxed))
                     .map_err(|e| pg_error(&e))?;
                 Ok(rows
                     .iter()
@@ -681,6 +704,31 @@ impl TestDb {
         }
     }
 
+    /// Every user table with its columns in order, from one catalog query.
+    pub fn table_columns(&self) -> BTreeMap<String, Vec<String>> {
+        let pairs: Vec<(String, String)> = match self {
+            TestDb::Sqlite(_) => self.all(
+                "SELECT m.name, p.name FROM sqlite_master m JOIN pragma_table_info(m.name) p
+                 WHERE m.type = 'table' AND m.name NOT LIKE 'sqlite\\_%' ESCAPE '\\'
+                 ORDER BY m.name, p.cid",
+                (),
+            ),
+            TestDb::Postgres(_) => self.all(
+                "SELECT c.relname::text, a.attname::text FROM pg_class c
+                 JOIN pg_namespace n ON n.oid = c.relnamespace
+                 JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
+                 WHERE n.nspname = current_schema() AND c.relkind IN ('r', 'p')
+                 ORDER BY c.relname, a.attnum",
+                (),
+            ),
+        };
+        let mut out: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for (t, c) in pairs {
+            out.entry(t).or_default().push(c);
+        }
+        out
+    }
+
     /// The columns of `table`, in order (empty when there is no such table).
     pub fn columns(&self, table: &str) -> Vec<String> {
         match self {
@@ -703,7 +751,7 @@ impl TestDb {
         match self {
             TestDb::Sqlite(_) => self.value("PRAGMA user_version", ()),
             TestDb::Postgres(_) => {
-                if self.columns("orchctl_schema").is_empty() {
+                if !self.value::<bool>("SELECT to_regclass('orchctl_schema') IS NOT NULL", ()) {
                     return 0;
                 }
                 self.optional::<(i64,)>("SELECT version FROM orchctl_schema", ())
@@ -736,15 +784,23 @@ impl TestDb {
                 (),
             ),
             TestDb::Postgres(_) => self.rows(
-                "SELECT 'column', table_name || '.' || column_name,
-                        data_type || ' ' || is_nullable || ' ' || coalesce(column_default, '')
-                 FROM information_schema.columns WHERE table_schema = current_schema()
+                "SELECT 'column', c.relname || '.' || a.attname,
+                        format_type(a.atttypid, a.atttypmod)
+                        || CASE WHEN a.attnotnull THEN ' NOT NULL' ELSE '' END
+                        || coalesce(' DEFAULT ' || pg_get_expr(d.adbin, d.adrelid), '')
+                 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                 JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
+                 LEFT JOIN pg_attrdef d ON d.adrelid = c.oid AND d.adnum = a.attnum
+                 WHERE n.nspname = current_schema() AND c.relkind IN ('r', 'p', 'v', 'm')
                  UNION ALL
-                 SELECT 'index', indexname::text, indexdef FROM pg_indexes
-                 WHERE schemaname = current_schema()
+                 SELECT 'index', ci.relname::text, pg_get_indexdef(i.indexrelid) FROM pg_index i
+                 JOIN pg_class ci ON ci.oid = i.indexrelid
+                 JOIN pg_namespace n ON n.oid = ci.relnamespace
+                 WHERE n.nspname = current_schema()
                  UNION ALL
-                 SELECT 'view', viewname::text, definition FROM pg_views
-                 WHERE schemaname = current_schema()
+                 SELECT 'view', c.relname::text, pg_get_viewdef(c.oid) FROM pg_class c
+                 JOIN pg_namespace n ON n.oid = c.relnamespace
+                 WHERE n.nspname = current_schema() AND c.relkind IN ('v', 'm')
                  UNION ALL
                  SELECT 'trigger', tgname::text, pg_get_triggerdef(t.oid) FROM pg_trigger t
                  JOIN pg_class c ON c.oid = t.tgrelid
@@ -761,38 +817,28 @@ impl TestDb {
     }
 
     /// Every row of every table, ordered by all of its columns: equal dumps mean the same
-    /// data on either backend.
+    /// data on either backend. Left out: the [`HEARTBEATS`], which every command writes.
     pub fn dump_tables(&self) -> BTreeMap<String, Vec<String>> {
         let mut out = BTreeMap::new();
-        for t in self.tables() {
-            let n = self.columns(&t).len().max(1);
-            let order: Vec<String> = (1..=n).map(|i| i.to_string()).collect();
+        for (t, columns) in self.table_columns() {
+            let columns: Vec<String> = columns
+                .into_iter()
+                .filter(|c| !HEARTBEATS.contains(&(t.as_str(), c.as_str())))
+                .map(|c| format!("\"{c}\""))
+                .collect();
+            let select = if columns.is_empty() {
+                "*".to_string()
+            } else {
+                columns.join(", ")
+            };
+            let order: Vec<String> = (1..=columns.len().max(1)).map(|i| i.to_string()).collect();
             let rows = self.rows(
-                &format!("SELECT * FROM \"{t}\" ORDER BY {}", order.join(", ")),
+                &format!("SELECT {select} FROM \"{t}\" ORDER BY {}", order.join(", ")),
                 (),
             );
-            // A host's heartbeat is when it was last seen (every command records it, SPEC
-            // §12), not state a command changed: it is left out.
-            let seen = if t == "hosts" {
-                self.columns(&t).iter().position(|c| c == "last_seen_at")
-            } else {
-                None
-            };
             let rows = rows
                 .iter()
-                .map(|r| {
-                    r.0.iter()
-                        .enumerate()
-                        .map(|(i, v)| {
-                            if Some(i) == seen {
-                                "<seen>".to_string()
-                            } else {
-                                v.dump()
-                            }
-                        })
-                        .collect::<Vec<_>>()
-                        .join(" | ")
-                })
+                .map(|r| r.0.iter().map(Value::dump).collect::<Vec<_>>().join(" | "))
                 .collect();
             out.insert(t, rows);
         }
@@ -814,7 +860,7 @@ impl TestDb {
     }
 }
 
-fn pg_statement(sql: &str, list: &[(Value, &'static str)]) -> (String, Vec<Box<dyn ToSql + Sync>>) {
+fn pg_statement(sql: &str, list: &[(Value, &'static str)]) -> (String, PgParams) {
     let types: Vec<&'static str> = list.iter().map(|(_, t)| *t).collect();
     (to_postgres_sql(sql, &types), pg_params(list))
 }
@@ -848,8 +894,10 @@ fn sqlite_value(r: &rusqlite::Row, i: usize) -> rusqlite::Result<Value> {
 // ------------------------------------------------------------------------------- busy
 
 /// The database held busy by another client until dropped (or [`Busy::release`]d): on
-/// SQLite an open `BEGIN IMMEDIATE`; on PostgreSQL an open transaction holding every
-/// table `IN ACCESS EXCLUSIVE MODE`, which every command waits behind.
+/// SQLite an open `BEGIN IMMEDIATE` (every write waits, reads go on); on PostgreSQL an
+/// open transaction holding `LOCK TABLE jobs IN ACCESS EXCLUSIVE MODE`, which every
+/// command that reads or writes jobs waits behind, and every other table in `EXCLUSIVE`
+/// mode, so that, as on SQLite, any write waits while plain reads of them go on.
 pub struct Busy {
     db: Option<TestDb>,
 }
@@ -859,17 +907,20 @@ impl Busy {
         let db = TestDb::open(target);
         match &db {
             TestDb::Sqlite(_) => db.batch("BEGIN IMMEDIATE"),
-            // Every table: as SQLite's write lock, every command waits behind it.
             TestDb::Postgres(_) => {
-                let tables = db.tables();
-                db.batch(&format!(
-                    "BEGIN; LOCK TABLE {} IN ACCESS EXCLUSIVE MODE",
-                    tables
-                        .iter()
-                        .map(|t| format!("\"{t}\""))
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                ))
+                db.batch("BEGIN; LOCK TABLE jobs IN ACCESS EXCLUSIVE MODE");
+                let others: Vec<String> = db
+                    .tables()
+                    .into_iter()
+                    .filter(|t| t != "jobs")
+                    .map(|t| format!("\"{t}\""))
+                    .collect();
+                if !others.is_empty() {
+                    db.batch(&format!(
+                        "LOCK TABLE {} IN EXCLUSIVE MODE",
+                        others.join(", ")
+                    ));
+                }
             }
         }
         Busy { db: Some(db) }

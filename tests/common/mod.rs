@@ -190,6 +190,25 @@ impl Env {
         self.pg.as_ref().map(pg::PgDatabase::url)
     }
 
+    /// On PostgreSQL, makes orchctl connect as the role that needs a password
+    /// ([`pg::SECRET_ROLE`]): the password in `ORCH_DB_URL` (`in_url`), or only in
+    /// `ORCH_DB_PASSWORD`. Returns the password, for "it never appears" checks. The
+    /// harness's own connections stay the superuser's.
+    pub fn use_password_role(&mut self, in_url: bool) -> &'static str {
+        let d = self.pg();
+        let (url, variable) = if in_url {
+            (d.password_url(), None)
+        } else {
+            (d.password_role_url(), Some(pg::SECRET_PASSWORD))
+        };
+        self.set("ORCH_DB_URL", &url);
+        match variable {
+            Some(p) => self.set("ORCH_DB_PASSWORD", p),
+            None => self.unset("ORCH_DB_PASSWORD"),
+        };
+        pg::SECRET_PASSWORD
+    }
+
     /// Where the harness's own connections go.
     pub fn target(&self) -> Target {
         match &self.pg {
@@ -529,6 +548,23 @@ pub fn alive(pid: i32) -> bool {
     orchctl::integrations::process::stat(pid as i64)
         .map(|s| !s.exited())
         .unwrap_or(false)
+}
+
+impl Drop for Env {
+    /// SPEC §12: with `ORCH_DB_URL` set the URL wins, so no SQLite file may appear — checked
+    /// after every PostgreSQL test that left a URL set.
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            return;
+        }
+        if self.pg.is_some() && self.vars.contains_key("ORCH_DB_URL") && self.db.exists() {
+            panic!(
+                "orchctl created the SQLite file {} although ORCH_DB_URL was set \
+                 (SPEC §12: the URL wins)",
+                self.db.display()
+            );
+        }
+    }
 }
 
 /// Kills a whole process group when dropped (for agents that orchctl launched).

@@ -219,6 +219,8 @@ pub struct Cluster {
     run_as: RunAs,
     /// The watchdog's pid (for the harness's own test of it).
     pub watchdog: u32,
+    /// `server_version_num`, once the server runs.
+    version: OnceLock<i64>,
 }
 
 impl Cluster {
@@ -250,6 +252,7 @@ impl Cluster {
             bin,
             run_as,
             watchdog,
+            version: OnceLock::new(),
         };
         cluster.init()?;
         Ok(cluster)
@@ -326,6 +329,11 @@ impl Cluster {
                 "CREATE ROLE {SECRET_ROLE} LOGIN SUPERUSER PASSWORD '{SECRET_PASSWORD}'"
             ))
             .map_err(|e| format!("creating the password role: {e:#}"))?;
+        let version: String = admin
+            .query_one("SHOW server_version_num", &[])
+            .map_err(|e| format!("reading the server's version: {e:#}"))?
+            .get(0);
+        let _ = self.version.set(version.parse().unwrap_or(0));
         Ok(())
     }
 
@@ -409,9 +417,16 @@ impl Cluster {
             .collect();
         let mut name = format!("t{n}_{hint}");
         name.truncate(63);
+        // Copying template1's files is several times faster than the WAL-logged copy that
+        // PostgreSQL 15 made the default, and durability means nothing here.
+        let strategy = if self.version.get().is_some_and(|v| *v >= 150_000) {
+            " STRATEGY = FILE_COPY"
+        } else {
+            ""
+        };
         let mut admin = self.admin().unwrap_or_else(|e| panic!("{e}"));
         admin
-            .batch_execute(&format!("CREATE DATABASE \"{name}\""))
+            .batch_execute(&format!("CREATE DATABASE \"{name}\"{strategy}"))
             .unwrap_or_else(|e| panic!("CREATE DATABASE {name}: {e:#}"));
         PgDatabase {
             cluster: self,

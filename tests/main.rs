@@ -11,6 +11,7 @@ mod event_hostile;
 mod fault;
 mod harness;
 mod hostile;
+mod hosts;
 mod lifecycle;
 mod operator;
 mod ops;

@@ -19,6 +19,7 @@ use std::collections::BTreeMap;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -81,6 +82,8 @@ pub struct Env {
     pg: Option<pg::PgDatabase>,
     /// Held by a PostgreSQL test that moves the clock cluster's clock.
     clock_turn: Option<MutexGuard<'static, ()>>,
+    /// The library has opened (and migrated) the database once: [`Env::db`] need not again.
+    migrated: AtomicBool,
 }
 
 impl Env {
@@ -163,6 +166,7 @@ impl Env {
             backend,
             pg,
             clock_turn,
+            migrated: AtomicBool::new(false),
         }
     }
 
@@ -317,14 +321,19 @@ impl Env {
 
     /// The library's context on this test's database and configuration.
     pub fn ctx(&self) -> Ctx {
-        Ctx::open_target(&self.db_target(), self.config())
-            .unwrap_or_else(|e| panic!("opening {:?}: {e:#}", self.db_target()))
+        let ctx = Ctx::open_target(&self.db_target(), self.config())
+            .unwrap_or_else(|e| panic!("opening {:?}: {e:#}", self.db_target()));
+        self.migrated.store(true, Ordering::Relaxed);
+        ctx
     }
 
     /// A plain connection to the test's database, for seed-style SQL; the database is
-    /// created and migrated through the library first.
+    /// created and migrated through the library first (once: polling a count in a loop
+    /// does not open the library each time).
     pub fn db(&self) -> TestDb {
-        drop(self.ctx());
+        if !self.migrated.load(Ordering::Relaxed) {
+            drop(self.ctx());
+        }
         self.db_raw()
     }
 
@@ -345,7 +354,9 @@ impl Env {
 
     /// The database held busy by another client until the guard is dropped.
     pub fn hold_busy(&self) -> Busy {
-        drop(self.ctx());
+        if !self.migrated.load(Ordering::Relaxed) {
+            drop(self.ctx());
+        }
         self.hold_busy_raw()
     }
 

@@ -454,3 +454,41 @@ fn postgres_only_with_a_url_no_sqlite_file_appears_and_the_password_is_never_sho
     // No SQLite file appeared where the path points.
     assert!(!db_path.exists(), "{} appeared", db_path.display());
 }
+
+#[test]
+fn a_run_recorded_in_an_earlier_boot_is_dead_whatever_runs_under_its_pid_now() {
+    // Both backends: a host that rebooted finds its pids reused by anything.
+    let env = Env::new();
+    let _runs = RecordedRuns::new(&env);
+    let added = env.json(&[
+        "task",
+        "add",
+        "--repo",
+        REPO,
+        "--work-item",
+        "ORCH-7",
+        "--stage",
+        "development",
+    ]);
+    let job = added["job"]["id"].as_i64().unwrap();
+    let c = env.json(&["claim", "--exec", "--", "sleep", "300"]);
+    let pid = c["pid"].as_i64().unwrap();
+    let _guard = GroupGuard(pid);
+    // Alive, its identity verified: reap leaves it.
+    assert_eq!(env.json(&["reap"])["alive"], 1);
+    // The same pid and start time, but recorded in another boot of this host.
+    env.db().execute(
+        "UPDATE jobs SET boot_id = 'an-earlier-boot' WHERE id = ?1",
+        [job],
+    );
+    let r = env.json(&["reap"]);
+    assert_eq!(r["requeued"], 1, "{r}");
+    assert!(
+        r["jobs"][0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("rebooted"),
+        "{r}"
+    );
+    assert_eq!(env.job_status(job), "queued");
+}

@@ -337,7 +337,7 @@ fn killed_while_the_notify_hook_hangs_the_rerun_carries_the_same_notification_id
         &w.env.path().join("hanging-notify.sh"),
         &format!(
             "#!/bin/sh\ncat >> '{log}'\necho >> '{log}'\n\
-             if [ ! -e '{first}' ]; then touch '{first}'; echo $$ > '{pid}'; exec sleep 30; fi\n",
+             if [ ! -e '{first}' ]; then touch '{first}'; echo $$ > '{pid}.new'; mv '{pid}.new' '{pid}'; exec sleep 30; fi\n",
             log = log.display(),
             first = first.display(),
             pid = hook_pid.display()

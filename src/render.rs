@@ -655,6 +655,15 @@ pub fn stop(v: &Value) -> String {
             out.push_str(&facts(
                 &[
                     ("agents stopped", Some(n(v, "stopped").to_string())),
+                    (
+                        "left to other hosts",
+                        (n(v, "remote_pending") > 0).then(|| {
+                            format!(
+                                "{} agent(s): stopped by their hosts' next dispatch, reap or reconcile; the branch goes after",
+                                n(v, "remote_pending")
+                            )
+                        }),
+                    ),
                     ("jobs cancelled", Some(n(v, "jobs_cancelled").to_string())),
                     (
                         "reason",
@@ -1197,6 +1206,21 @@ pub fn queue(v: &Value) -> String {
     {
         lines.push(("recent jobs", Some(format!("unavailable: {}", one_line(e)))));
     }
+    // Several hosts on PostgreSQL (SPEC §12): how many are alive.
+    let hosts = array(v, "hosts");
+    if let Some(e) = v
+        .get("errors")
+        .and_then(|e| e.get("hosts"))
+        .and_then(Value::as_str)
+    {
+        lines.push(("hosts", Some(format!("unavailable: {}", one_line(e)))));
+    } else if v.get("hosts").is_some() {
+        let alive = hosts.iter().filter(|h| h["alive"] == true).count();
+        lines.push((
+            "hosts",
+            Some(format!("{alive} alive, {} dead", hosts.len() - alive)),
+        ));
+    }
 
     let mut out = facts(&lines, 0);
     let mut section = |title: &str, body: &dyn Fn() -> String| {
@@ -1242,6 +1266,19 @@ pub fn queue(v: &Value) -> String {
                 )
             });
         }
+    }
+    if !hosts.is_empty() {
+        section("hosts:", &|| {
+            table_with(
+                &[
+                    ("HOST", "id"),
+                    ("ALIVE", "alive"),
+                    ("RUNNING", "running"),
+                    ("LAST SEEN", "last_seen_at"),
+                ],
+                hosts,
+            )
+        });
     }
     let recent = array(v, "recent");
     if !recent.is_empty() {

@@ -130,8 +130,10 @@ fn supervisor_program() -> PathBuf {
 
 /// The claimed run `job` with its task, and its audit row, inside the claim's transaction.
 pub(crate) fn started(w: &Writer, job: Job) -> Result<Claimed> {
+    // Read, not locked: a claim holds its job, and must never wait for the task's lock that a
+    // STOP holds while it waits for that job.
     let task = match job.task_id {
-        Some(t) => w.task(t)?,
+        Some(t) => w.peek_task(t)?,
         None => None,
     };
     let run_id = job.run_id.context("a claimed job has no run id")?;

@@ -212,6 +212,11 @@ pub struct Config {
     pub host_dead_secs: i64,
     /// The PostgreSQL password when it is not in the URL (`ORCH_DB_PASSWORD`).
     pub db_password: Option<Secret>,
+    /// Whether several hosts share the store (PostgreSQL): then a process is only judged
+    /// and signalled by the host that launched it. On SQLite — one machine's file — every
+    /// run is this host's, whatever host id it was recorded under. Set when the store is
+    /// opened ([`crate::Ctx::open_target`]).
+    pub hosts_shared: bool,
 }
 
 /// This host's id: `ORCH_HOST_ID`, else the hostname. It names the host in the database
@@ -675,7 +680,29 @@ impl Config {
             host_id: host_id(nonempty("ORCH_HOST_ID"))?,
             host_dead_secs: number("ORCH_HOST_DEAD_SECS", 900, 1)?,
             db_password: nonempty("ORCH_DB_PASSWORD").map(|v| Secret::new(v.trim())),
+            hosts_shared: false,
         })
+    }
+
+    /// Whether `job`'s process, if any, is one this host may judge and signal: on a shared
+    /// store only the launching host's; on SQLite every one.
+    pub fn runs_here(&self, job: &crate::model::Job) -> bool {
+        !self.hosts_shared || job.runs_on(&self.host_id)
+    }
+
+    /// The host an effect about `job`'s process (or the worktree it ran in) is bound to:
+    /// its host on a shared store; none on SQLite.
+    pub fn bind_to(&self, host: Option<&str>) -> Option<String> {
+        if self.hosts_shared {
+            host.map(String::from)
+        } else {
+            None
+        }
+    }
+
+    /// This host, where hosts are told apart (a shared store); `None` on SQLite.
+    pub fn host_scope(&self) -> Option<&str> {
+        self.hosts_shared.then_some(self.host_id.as_str())
     }
 
     /// The command `dispatch` launches for `agent`, when it has one.

@@ -241,6 +241,8 @@ pub fn finalize_tx(
             if j.agent == Agent::Deployer.as_str()
                 && w.finish_running(j.id, j.run_id, status, None)?
             {
+                // Its run ends here: a deployer that is not the caller stops with it.
+                crate::jobs::end_from_outside(w, ctx, &j)?;
                 jobs.push(w.job(j.id)?.unwrap_or(j));
             }
         }

@@ -106,7 +106,9 @@ pub fn dispatch(ctx: &Ctx, req: &DispatchRequest) -> Result<DispatchResult> {
     // A pass on a busy host has nothing to claim: when no agent with a command has a free
     // slot, the claim transaction is skipped (a slot freed meanwhile is filled by the
     // supervisor whose run ended, or by the next pass).
-    let before = ctx.store.read(|r| r.running_by_agent(Some(ctx.host())))?;
+    let before = ctx
+        .store
+        .read(|r| r.running_by_agent(ctx.config.host_scope()))?;
     let total_before: i64 = before.iter().map(|(_, n)| n).sum();
     let free = total_before < config.max_agents
         && limits.iter().any(|(agent, limit)| {
@@ -153,7 +155,7 @@ pub fn dispatch(ctx: &Ctx, req: &DispatchRequest) -> Result<DispatchResult> {
     let launched_any = !launched.is_empty() && !req.dry_run;
     let (running, mut waiting) = ctx.store.read(|r| {
         let running = if launched_any {
-            r.running_by_agent(Some(ctx.host()))?
+            r.running_by_agent(ctx.config.host_scope())?
         } else {
             before.clone()
         };

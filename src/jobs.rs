@@ -100,39 +100,7 @@ pub fn complete(
             None => None,
         };
         let stopping = task.as_ref().is_some_and(Task::is_stopping);
-        // An outcome recorded from outside the run (an operator, a script) while its
-        // supervisor still lives ends the run's processes too: a requeue forgets its pid,
-        // and an agent working on after its run ended would be out of every STOP's reach.
-        // The agent's own `complete` (from inside its supervisor's session) is followed by
-        // its exit, and the supervisor ends what is left.
-        // A run of another host cannot be looked at from here: its host is asked to stop
-        // it (and finds it gone if it ended meanwhile).
-        if let (Some(pid), Some(t)) = (job.pid, job.task_id) {
-            let outside = if job.runs_on(ctx.host()) {
-                process::liveness(pid, job.proc_start) == Liveness::Alive
-                    && !process::inside_session_of(pid)
-            } else {
-                true
-            };
-            if outside {
-                outbox::enqueue_on(
-                    w,
-                    Some(t),
-                    &outbox::Effect::StopProcess {
-                        job_id: job.id,
-                        run_id: job.run_id,
-                        pid,
-                        proc_start: job.proc_start,
-                    },
-                    job.host.as_deref(),
-                )?;
-                w.event(
-                    Some(t),
-                    "run_ended_from_outside",
-                    &json!({ "job_id": job.id, "run_id": run_id, "pid": pid, "why": "its outcome was recorded from outside the run while its processes lived: they are stopped" }),
-                )?;
-            }
-        }
+        end_from_outside(w, ctx, &job)?;
         let mut next_job = None;
         let note = match outcome {
             RunOutcome::Success => {
@@ -272,6 +240,46 @@ pub struct ReapReport {
     pub jobs: Vec<ReapedJob>,
 }
 
+/// An outcome recorded from outside a run (an operator's `complete`, a CI script's
+/// `finalize-deploy`) while its supervisor still lives ends the run's processes too: a
+/// requeue forgets its pid, and an agent working on after its run ended would be out of
+/// every STOP's reach. The agent's own report (from inside its supervisor's session) is
+/// followed by its exit, and the supervisor ends what is left. A run of another host cannot
+/// be looked at from here: its host is asked to stop it (and finds it gone if it ended
+/// meanwhile), and whatever waits for the task's agents waits for that.
+pub fn end_from_outside(w: &Writer, ctx: &Ctx, job: &Job) -> Result<()> {
+    let (Some(pid), Some(t)) = (job.pid, job.task_id) else {
+        return Ok(());
+    };
+    let outside = if ctx.config.runs_here(job) {
+        process::liveness(pid, job.proc_start) == Liveness::Alive
+            && !process::inside_session_of(pid)
+    } else {
+        true
+    };
+    if !outside {
+        return Ok(());
+    }
+    outbox::enqueue_on(
+        w,
+        Some(t),
+        &outbox::Effect::StopProcess {
+            job_id: job.id,
+            run_id: job.run_id,
+            pid,
+            proc_start: job.proc_start,
+            boot_id: job.boot_id.clone(),
+        },
+        ctx.config.bind_to(job.host.as_deref()).as_deref(),
+    )?;
+    w.event(
+        Some(t),
+        "run_ended_from_outside",
+        &json!({ "job_id": job.id, "run_id": job.run_id, "pid": pid, "why": "its outcome was recorded from outside the run while its processes lived: they are stopped" }),
+    )?;
+    Ok(())
+}
+
 /// Why a running job is considered dead, or `None` while it lives.
 fn death(ctx: &Ctx, job: &Job, age: Option<f64>, recover: bool) -> Result<Option<String>> {
     if recover {
@@ -349,7 +357,7 @@ pub fn reap_unknown_outcome(w: &Writer, job: &Job, reason: &str) -> Result<Optio
 /// age, on any host — except at boot (`--recover`), which is about this host's runs only.
 fn judged_here(ctx: &Ctx, job: &Job, recover: bool) -> bool {
     if job.pid.is_some() || recover {
-        job.runs_on(ctx.host())
+        ctx.config.runs_here(job)
     } else {
         true
     }

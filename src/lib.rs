@@ -79,7 +79,8 @@ impl Ctx {
     }
 
     /// Opens (and migrates) the database `target` names with `config`.
-    pub fn open_target(target: &DbTarget, config: Config) -> Result<Ctx> {
+    pub fn open_target(target: &DbTarget, mut config: Config) -> Result<Ctx> {
+        config.hosts_shared = matches!(target, DbTarget::Postgres(_));
         let store = match target {
             DbTarget::Sqlite(db) => Store::open(db, config.busy_timeout_ms)?,
             DbTarget::Postgres(url) => Store::Postgres(store::pg::PgStore::open(

@@ -34,6 +34,10 @@ pub enum Effect {
         run_id: Option<i64>,
         pid: i64,
         proc_start: Option<i64>,
+        /// The boot of its host the process was launched in: in another boot the pid names
+        /// nothing of ours, whatever runs under it now.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        boot_id: Option<String>,
     },
     /// Remove the branch's worktree and local branch from the clone.
     RemoveWorktree { repo: String, branch: String },
@@ -309,7 +313,7 @@ pub fn run_rows(ctx: &Ctx, rows: &[OutboxRow]) -> Result<Vec<EffectReport>> {
     let lease = lease_secs(&ctx.config);
     // Which host ran an effect is worth a log entry where several hosts share the
     // database; a single host's log stays as it was.
-    let log_host = matches!(ctx.store, crate::store::Store::Postgres(_)).then(|| ctx.host());
+    let log_host = ctx.config.host_scope();
     let mut out = Vec::with_capacity(rows.len());
     let mut held_elsewhere: HashSet<i64> = HashSet::new();
     let mut ending: Option<Ending> = None;
@@ -320,7 +324,11 @@ pub fn run_rows(ctx: &Ctx, rows: &[OutboxRow]) -> Result<Vec<EffectReport>> {
         }
         // Bound to another host (an agent it launched, a worktree it holds): that host's
         // next dispatch, reap, reconcile or stop carries it out (SPEC §12).
-        if let Some(h) = row.host.as_deref().filter(|h| *h != ctx.host()) {
+        if let Some(h) = row
+            .host
+            .as_deref()
+            .filter(|h| ctx.config.hosts_shared && *h != ctx.host())
+        {
             let why = format!("left to host {h}, which launched the agent or holds the worktree");
             let mut r = report(row, "pending", None, Some(why), None);
             r.host = Some(h.to_string());
@@ -339,7 +347,7 @@ pub fn run_rows(ctx: &Ctx, rows: &[OutboxRow]) -> Result<Vec<EffectReport>> {
         // guard lets an expired claim go).
         let held = row.owner();
         let observed = match (&held.host, held.pid, held.start) {
-            (Some(h), _, _) if h != ctx.host() => EffectOwner::default(),
+            (Some(h), _, _) if ctx.config.hosts_shared && h != ctx.host() => EffectOwner::default(),
             (_, Some(pid), Some(start)) => {
                 if process::liveness(pid, Some(start)) == process::Liveness::Alive
                     && Some(pid) != me.pid
@@ -357,16 +365,22 @@ pub fn run_rows(ctx: &Ctx, rows: &[OutboxRow]) -> Result<Vec<EffectReport>> {
                 .clone()
                 .unwrap_or_else(|| "attempts exhausted".into());
             let prev = ending.take();
-            ctx.store.write(|w| {
+            let failed = ctx.store.write(|w| {
                 if let Some(e) = &prev {
                     e.write(w, &me, log_host)?;
                 }
-                if w.fail_effect(row.id, &error)? {
+                let failed = w.fail_effect(row.id, &error, &observed)?;
+                if failed {
                     log_end(w, row, "failed", None, Some(&error), row.attempts, log_host)?;
                 }
-                Ok(())
+                Ok(failed)
             })?;
-            out.push(report(row, "failed", None, Some(error), None));
+            if failed {
+                out.push(report(row, "failed", None, Some(error), None));
+            } else {
+                // Another process runs its last attempt: its ending is its to record.
+                busy(row, &mut out);
+            }
             continue;
         }
         let prev = ending.take();
@@ -622,8 +636,19 @@ fn execute(
 ) -> Executed {
     match effect {
         Effect::StopProcess {
-            pid, proc_start, ..
+            pid,
+            proc_start,
+            boot_id,
+            ..
         } => {
+            if let (Some(then), Some(now)) = (boot_id, process::boot_id()) {
+                if *then != now {
+                    return Ok((
+                        format!("pid {pid} was launched before this host rebooted; not signalled"),
+                        None,
+                    ));
+                }
+            }
             let outcome =
                 process::stop_agent(*pid, *proc_start, c.stop_grace).map_err(|f| EffectError {
                     permanent: f.permanent,
@@ -834,6 +859,14 @@ mod kind_tests {
                 run_id: None,
                 pid: 2,
                 proc_start: None,
+                boot_id: None,
+            },
+            Effect::StopProcess {
+                job_id: 1,
+                run_id: Some(3),
+                pid: 2,
+                proc_start: Some(4),
+                boot_id: Some("b00t".into()),
             },
             Effect::RemoveWorktree {
                 repo: "r".into(),

@@ -372,7 +372,6 @@ fn reset_tx(
     // Each effect with the host that must carry it out: an agent is stopped only by
     // orchctl on the host that launched it (SPEC §12), a worktree removed by the host that
     // holds it; `None` is any host.
-    let me = config.host_id.as_str();
     let mut effects: Vec<(Effect, Option<String>)> = Vec::new();
     for job in cancelled.iter().filter(|j| j.status == JobStatus::Running) {
         if let Some(pid) = job.pid {
@@ -382,21 +381,24 @@ fn reset_tx(
                     run_id: job.run_id,
                     pid,
                     proc_start: job.proc_start,
+                    boot_id: job.boot_id.clone(),
                 },
-                job.host.clone(),
+                config.bind_to(job.host.as_deref()),
             ));
         }
     }
     // A run that ended while its processes live on (its deployer marked done by
     // finalize-deploy, an agent still exiting after its `complete`) is stopped too: the
-    // task's agents all go, not only those of its running jobs. Only this host's can be
-    // looked at; another host's supervisor ends its own run's leftovers.
+    // task's agents all go, not only those of its running jobs. Only this host's processes
+    // can be looked at; a run of another host that was ended from outside got a kill
+    // bound to its host then (`complete`, `finalize-deploy`), which the branch deletion
+    // below waits for as it waits for these.
     let jobs = w.jobs_of_task(task.id)?;
     for job in &jobs {
         let stopping = effects
             .iter()
             .any(|(e, _)| matches!(e, Effect::StopProcess { job_id, .. } if *job_id == job.id));
-        if let (false, Some(pid), true) = (stopping, job.pid, job.runs_on(me)) {
+        if let (false, Some(pid), true) = (stopping, job.pid, config.runs_here(job)) {
             if process::liveness(pid, job.proc_start) == process::Liveness::Alive {
                 effects.push((
                     Effect::StopProcess {
@@ -404,22 +406,26 @@ fn reset_tx(
                         run_id: job.run_id,
                         pid,
                         proc_start: job.proc_start,
+                        boot_id: job.boot_id.clone(),
                     },
-                    job.host.clone(),
+                    config.bind_to(job.host.as_deref()),
                 ));
             }
         }
     }
     if let Some(branch) = &task.branch {
         // The worktree is where the task's agents ran: on each host that claimed one of its
-        // runs (and anywhere, for a task whose runs no host recorded).
+        // runs (and anywhere, for a task whose runs no host recorded, or on SQLite).
         let mut hosts: Vec<Option<String>> = jobs
             .iter()
-            .filter(|j| j.host.is_some())
-            .map(|j| j.host.clone())
+            .filter_map(|j| config.bind_to(j.host.as_deref()))
+            .map(Some)
             .collect();
         hosts.sort();
         hosts.dedup();
+        let elsewhere = hosts
+            .iter()
+            .any(|h| h.as_deref().is_some_and(|h| h != config.host_id));
         if hosts.is_empty() {
             hosts.push(None);
         }
@@ -437,12 +443,19 @@ fn reset_tx(
                 repo: task.repo.clone(),
                 branch: branch.clone(),
                 // What the branch points at now, so a retry never deletes later pushes.
-                commit: crate::names::validate_repo(&task.repo).ok().and_then(|()| {
-                    crate::integrations::git::recorded_commit(
-                        &config.repos_dir.join(&task.repo),
-                        branch,
-                    )
-                }),
+                // Only when its agents worked here: another host's agent pushed to it, and
+                // this clone's copy is as old as its last fetch — the deletion then goes by
+                // the name (a live task's branch is still refused, `owner_refusal`).
+                commit: if elsewhere {
+                    None
+                } else {
+                    crate::names::validate_repo(&task.repo).ok().and_then(|()| {
+                        crate::integrations::git::recorded_commit(
+                            &config.repos_dir.join(&task.repo),
+                            branch,
+                        )
+                    })
+                },
             },
             None,
         ));

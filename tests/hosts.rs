@@ -101,6 +101,47 @@ fn postgres_only_a_stop_on_host_a_leaves_host_b_agent_to_b_which_kills_it_then_t
     let repo = GitRepo::new(&env, REPO);
     let (task, pid, branch) = agent_on(&env, &repo, "host-b", "ORCH-1");
     let _guard = GroupGuard(pid);
+    // B's agent pushes more work: the remote branch moves on, and A's clone does not know
+    // (its copy of the branch is as old as its last fetch).
+    let other = env.path().join("elsewhere");
+    for args in [
+        vec![
+            "clone",
+            "-q",
+            repo.bare.to_str().unwrap(),
+            other.to_str().unwrap(),
+        ],
+        vec!["-C", other.to_str().unwrap(), "checkout", "-q", &branch],
+    ] {
+        assert!(std::process::Command::new("git")
+            .args(&args)
+            .status()
+            .unwrap()
+            .success());
+    }
+    std::fs::write(other.join("more.txt"), "more work\n").unwrap();
+    for args in [
+        vec!["add", "."],
+        vec![
+            "-c",
+            "user.name=b",
+            "-c",
+            "user.email=b@example.com",
+            "commit",
+            "-q",
+            "-m",
+            "more",
+        ],
+        vec!["push", "-q", "origin", branch.as_str()],
+    ] {
+        assert!(std::process::Command::new("git")
+            .arg("-C")
+            .arg(&other)
+            .args(&args)
+            .status()
+            .unwrap()
+            .success());
+    }
     let show: Value = on(&env, "host-a", &["task", "show", "ORCH-1"]);
     assert_eq!(show["jobs"][0]["host"], "host-b", "{show}");
     let job = show["jobs"][0]["id"].as_i64().unwrap();

@@ -119,13 +119,48 @@ pub fn reconcile(ctx: &Ctx) -> Result<ReconcileReport> {
 /// deletion, the notifications) proceed in this pass's outbox run. Returns the hosts.
 fn dead_hosts(ctx: &Ctx) -> Result<Vec<String>> {
     let secs = ctx.config.host_dead_secs;
-    let candidates: Vec<String> = ctx.store.read(|r| {
-        Ok(r.hosts(secs)?
+    let (candidates, judged): (Vec<String>, Vec<String>) = ctx.store.read(|r| {
+        let unseen: Vec<_> = r
+            .hosts(secs)?
             .into_iter()
-            .filter(|h| !h.alive && h.dead_since.is_none() && h.id != ctx.host())
-            .map(|h| h.id)
-            .collect())
+            .filter(|h| !h.alive && h.id != ctx.host())
+            .collect();
+        Ok((
+            unseen
+                .iter()
+                .filter(|h| h.dead_since.is_none())
+                .map(|h| h.id.clone())
+                .collect(),
+            unseen
+                .iter()
+                .filter(|h| h.dead_since.is_some())
+                .map(|h| h.id.clone())
+                .collect(),
+        ))
     })?;
+    // A host judged dead earlier may still be given effects (a STOP of a task one of whose
+    // runs it once claimed binds a worktree removal to it): they fail at once, or what waits
+    // behind them would wait forever.
+    for host in judged {
+        let reason = format!(
+            "host {host} was judged dead (unseen for more than ORCH_HOST_DEAD_SECS={secs} s)"
+        );
+        let touched = ctx.store.write(|w| {
+            let mut touched = Vec::new();
+            for row in w.fail_effects_of_host(&host, &reason)? {
+                w.event(
+                    row.task_id,
+                    &row.kind,
+                    &json!({ "outbox_id": row.id, "status": "failed", "error": reason, "host": host }),
+                )?;
+                touched.extend(row.task_id);
+            }
+            Ok(touched)
+        })?;
+        for t in touched {
+            outbox::run_for_task(ctx, t)?;
+        }
+    }
     let mut dead = Vec::new();
     for host in candidates {
         let reason =

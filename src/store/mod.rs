@@ -108,7 +108,12 @@ pub type Writer<'a> = dyn WriteTx + 'a;
 
 /// Tasks, their dependencies and their audit trail.
 pub trait TaskReads {
+    /// The task; inside a write it is locked for the transaction (the write decides about
+    /// it).
     fn task(&self, id: i64) -> Result<Option<Task>>;
+    /// The task, never locked, even inside a write: for reporting what a write did (a
+    /// claim's job with its task), never for deciding a change.
+    fn peek_task(&self, id: i64) -> Result<Option<Task>>;
     /// Resolves a task reference: numeric id, work item id or Plane issue id. Tombstoned
     /// keys carry a suffix and so no longer match.
     fn find_task(&self, reference: &str) -> Result<Option<Task>>;
@@ -302,8 +307,11 @@ pub trait OutboxWrites {
     ) -> Result<bool>;
     /// Records how an effect claimed by `owner` ended.
     fn finish_effect(&self, id: i64, owner: &EffectOwner, end: &EffectEnd) -> Result<bool>;
-    /// Marks a pending effect failed without running it.
-    fn fail_effect(&self, id: i64, error: &str) -> Result<bool>;
+    /// Marks a pending effect failed without running it (its attempts used up). Guarded
+    /// like [`OutboxWrites::claim_effect`]: only while unclaimed, claimed by `observed` (a
+    /// runner known dead) or past its claim — never under a live runner, which records the
+    /// ending itself.
+    fn fail_effect(&self, id: i64, error: &str, observed: &EffectOwner) -> Result<bool>;
     /// Deletes the given rows, each only while still `done`.
     fn delete_done_effects(&self, ids: &[i64]) -> Result<usize>;
 }

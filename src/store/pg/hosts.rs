@@ -15,7 +15,7 @@ impl HostReads for PgTx<'_> {
             "SELECT h.id, h.last_seen_at, h.boot_id, h.dead_since,
                     h.dead_since IS NULL AND orch_age(h.last_seen_at) <= $1,
                     (SELECT count(*) FROM jobs j WHERE j.status = 'running' AND j.host = h.id)
-             FROM hosts h ORDER BY h.id",
+             FROM hosts h ORDER BY h.id COLLATE \"C\"",
             params![dead],
         )
         .context("reading the hosts")?

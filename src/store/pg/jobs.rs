@@ -295,8 +295,8 @@ impl JobWrites for PgTx<'_> {
         let cols = JOB_COLS
             .split(", ")
             .map(|c| {
-                if c == "status" {
-                    "before.status".to_string()
+                if matches!(c, "status" | "finished_at" | "error") {
+                    format!("before.{c}")
                 } else {
                     format!("j.{c}")
                 }
@@ -307,7 +307,7 @@ impl JobWrites for PgTx<'_> {
             .jobs(
                 &format!(
                     "WITH before AS (
-                         SELECT id, status FROM jobs
+                         SELECT id, status, finished_at, error FROM jobs
                          WHERE task_id = $1 AND status = ANY($2) ORDER BY id FOR UPDATE)
                      UPDATE jobs j SET status = 'cancelled', finished_at = orch_now(),
                             error = coalesce(j.error, $3)

@@ -28,7 +28,8 @@ impl LeaseReads for PgTx<'_> {
 
     fn leases(&self) -> Result<Vec<Lease>> {
         self.leases_of(
-            "SELECT repo, branch, task_id, acquired_at FROM merge_leases ORDER BY repo",
+            // Byte order, as SQLite's: the database's collation would sort by locale.
+            r#"SELECT repo, branch, task_id, acquired_at FROM merge_leases ORDER BY repo COLLATE "C""#,
             params![],
         )
     }
@@ -38,7 +39,7 @@ impl LeaseReads for PgTx<'_> {
             "SELECT l.repo, l.branch, l.task_id, l.acquired_at FROM merge_leases l
              LEFT JOIN tasks t ON t.id = l.task_id
              WHERE t.id IS NULL OR t.stage IN ('done', 'cancelled')
-             ORDER BY l.repo",
+             ORDER BY l.repo COLLATE \"C\"",
             params![],
         )
     }

@@ -4,11 +4,13 @@
 //! statement by statement; every write is one READ COMMITTED transaction in which nothing
 //! leans on a single writer:
 //! - a transaction that reads a task in order to change it locks that task's row first
-//!   (`FOR UPDATE`; a job read for a write locks its task before the job), so two commands
-//!   deciding about one task never interleave, and rows are always locked task before job;
-//! - a claim walks the queue with `FOR UPDATE OF j SKIP LOCKED` and shares the task's lock
-//!   with `SKIP LOCKED` too, so claimers never wait for each other or for a STOP and never
-//!   take the same job; the run id comes from the sequence `run_ids`;
+//!   (`FOR NO KEY UPDATE`; a job read for a write locks its task before the job), so two
+//!   commands deciding about one task never interleave, and rows are locked task before
+//!   job;
+//! - a claim walks the queue with `FOR UPDATE OF j SKIP LOCKED` and locks no task (it reads
+//!   the task without a lock, `peek_task`), so claimers never wait for each other or for a
+//!   STOP and never take the same job; a STOP's cancel waits for the claim's commit and then
+//!   finds the job running; the run id comes from the sequence `run_ids`;
 //! - a lease, a task's keys and a delivery's record are `INSERT … ON CONFLICT DO NOTHING`:
 //!   of two concurrent writers of one key exactly one inserts, the other waits for it and
 //!   then sees the row;
@@ -249,11 +251,14 @@ impl PgTx<'_> {
         Ok(out?)
     }
 
-    /// `" FOR UPDATE"` inside a write transaction (a read there is made to decide a
-    /// change: the row is locked until the commit), nothing in a read.
+    /// `" FOR NO KEY UPDATE"` inside a write transaction (a read there is made to decide a
+    /// change: the row is locked until the commit), nothing in a read. Not `FOR UPDATE`:
+    /// the foreign-key checks of rows other transactions insert for the task (a claim's
+    /// audit row, a launch's) take a key-share lock, which this one lets through, so a
+    /// claim holding a job never waits behind a STOP that waits for that job.
     pub(super) fn lock(&self) -> &'static str {
         if self.write {
-            " FOR UPDATE"
+            " FOR NO KEY UPDATE"
         } else {
             ""
         }
@@ -316,8 +321,10 @@ fn classify(err: anyhow::Error) -> anyhow::Error {
         }
         Some(s) if *s == SqlState::UNIQUE_VIOLATION => Some(StoreError::Conflict),
         Some(_) => None,
-        // No SQLSTATE: the server could not be reached or the connection broke.
-        None if pg.is_some() => Some(StoreError::Busy),
+        // No SQLSTATE: the server could not be reached or the connection broke (temporary);
+        // anything else — a configuration the client refuses, a value of another type — is
+        // not a reason to retry.
+        None if pg.is_some_and(unreachable) => Some(StoreError::Busy),
         None => None,
     };
     match kind {
@@ -326,10 +333,33 @@ fn classify(err: anyhow::Error) -> anyhow::Error {
     }
 }
 
+/// Whether a client error says the server could not be reached, or the connection broke.
+fn unreachable(e: &postgres::Error) -> bool {
+    if e.is_closed() {
+        return true;
+    }
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
+    while let Some(c) = cause {
+        if c.is::<std::io::Error>() {
+            return true;
+        }
+        cause = c.source();
+    }
+    false
+}
+
 /// The URL as the client library reads it, and whether the server's certificate must be
 /// verified: `sslmode=verify-full` (and `verify-ca`) are libpq's, which the library does not
 /// parse — they are taken out here and mean `require` plus a verified certificate.
 fn parse_url(url: &str) -> Result<(postgres::Config, bool, Option<String>)> {
+    // Only the URL forms: libpq's key/value form would carry a password where the scrubbing
+    // of outputs and of the agents' environment does not look for one.
+    let url = url.trim();
+    if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+        return Err(config_err(
+            "ORCH_DB_URL / --db-url must be a postgres:// or postgresql:// URL",
+        ));
+    }
     let mut verify = false;
     let mut root_cert = None;
     let cleaned = match url.split_once('?') {
@@ -512,18 +542,41 @@ impl PgStore {
     /// Records that `host` (booted as `boot_id`) is alive now, by the database clock: the
     /// heartbeat another host's `reconcile` judges dead hosts by (SPEC §12). A host judged
     /// dead that is seen again is alive again.
+    ///
+    /// A host judged dead that is seen again gets back the kills that failed because of
+    /// the judgement: the agents of tasks stopped meanwhile may still run here, and this
+    /// command's (or the next) outbox run stops them.
     fn heartbeat(&self, host: &str, boot_id: Option<&str>) -> Result<()> {
         let mut client = self.client.borrow_mut();
-        client
+        let rows = client
             .query_typed(
-                "INSERT INTO hosts (id, boot_id, first_seen_at, last_seen_at)
+                "WITH before AS (SELECT dead_since FROM hosts WHERE id = $1)
+                 INSERT INTO hosts (id, boot_id, first_seen_at, last_seen_at)
                  VALUES ($1, $2, orch_now(), orch_now())
                  ON CONFLICT (id) DO UPDATE SET last_seen_at = excluded.last_seen_at,
-                     boot_id = excluded.boot_id, dead_since = NULL",
+                     boot_id = excluded.boot_id, dead_since = NULL
+                 RETURNING (SELECT dead_since FROM before)",
                 &[(&host, Type::TEXT), (&boot_id, Type::TEXT)],
             )
             .map_err(|e| classify(anyhow::Error::new(e)))
             .context("recording this host as seen")?;
+        let was_dead = rows
+            .first()
+            .and_then(|r| r.get::<_, Option<String>>(0))
+            .is_some();
+        if was_dead {
+            client
+                .query_typed(
+                    "UPDATE outbox SET status = 'pending', attempts = 0, next_attempt_at = NULL,
+                            last_error = last_error || '; the host was seen again: retried',
+                            updated_at = orch_now()
+                     WHERE host = $1 AND status = 'failed' AND kind = 'stop_process'
+                       AND last_error LIKE '%judged dead%'",
+                    &[(&host, Type::TEXT)],
+                )
+                .map_err(|e| classify(anyhow::Error::new(e)))
+                .context("taking back the kills of a host seen again")?;
+        }
         Ok(())
     }
 
@@ -639,6 +692,12 @@ fn auth_or_missing(err: anyhow::Error, describe: &str) -> anyhow::Error {
         Some(s) if *s == SqlState::INVALID_CATALOG_NAME => {
             config_err(format!("{describe}: no such PostgreSQL database"))
         }
+        // Refused before any SQL (a password the server wants and was not given, a
+        // certificate that does not verify): configuration, not a busy server.
+        None if StoreError::of(&err).is_none() => config_err(format!(
+            "connecting to {describe}: {}",
+            err.chain().last().map(|c| c.to_string()).unwrap_or_default()
+        )),
         _ => err.context(format!("connecting to {describe}")),
     }
 }

@@ -177,13 +177,16 @@ impl OutboxWrites for PgTx<'_> {
         )? == 1)
     }
 
-    fn fail_effect(&self, id: i64, error: &str) -> Result<bool> {
+    fn fail_effect(&self, id: i64, error: &str, observed: &EffectOwner) -> Result<bool> {
         Ok(self.exec(
             "UPDATE outbox SET status = 'failed', last_error = $2, updated_at = orch_now(),
                     claimed_pid = NULL, claimed_start = NULL, claimed_until = NULL,
                     claimed_host = NULL
-             WHERE id = $1 AND status = 'pending'",
-            params![id, error],
+             WHERE id = $1 AND status = 'pending'
+               AND (claimed_pid IS NULL OR claimed_until < orch_now()
+                    OR (claimed_pid = $3 AND claimed_start IS NOT DISTINCT FROM $4
+                        AND claimed_host IS NOT DISTINCT FROM $5))",
+            params![id, error, observed.pid, observed.start, observed.host],
         )? == 1)
     }
 

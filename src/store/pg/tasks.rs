@@ -32,6 +32,14 @@ impl PgTx<'_> {
 }
 
 impl TaskReads for PgTx<'_> {
+    fn peek_task(&self, id: i64) -> Result<Option<Task>> {
+        self.task_opt(
+            &format!("SELECT {TASK_COLS} FROM tasks WHERE id = $1"),
+            params![id],
+        )
+        .with_context(|| format!("reading task {id}"))
+    }
+
     fn task(&self, id: i64) -> Result<Option<Task>> {
         self.task_opt(
             &format!("SELECT {TASK_COLS} FROM tasks WHERE id = $1{}", self.lock()),

@@ -1,7 +1,8 @@
 //! Hosts on SQLite: one file is one machine's, so no host is ever judged dead here and no
-//! command records a heartbeat (a read like `queue` stays a read). The per-host parts of
-//! the seam still hold — jobs carry their host and boot, effects may be bound to a host —
-//! so a database moved between machines, or a renamed host, behaves as on PostgreSQL.
+//! command records a heartbeat (a read like `queue` stays a read). Jobs still carry the
+//! host and boot they were launched in (a reboot is noticed by the boot), but every run is
+//! this host's: the domain binds no effect to a host here, slots count every running job,
+//! and a renamed host (`ORCH_HOST_ID`) changes nothing.
 
 use anyhow::{Context, Result};
 use rusqlite::params;

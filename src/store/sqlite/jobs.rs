@@ -288,7 +288,9 @@ impl JobWrites for SqliteTx<'_> {
         total: i64,
         host: &str,
     ) -> Result<SlotClaim> {
-        let running = self.running_by_agent(Some(host))?;
+        // One machine's file: every run counts against this host's slots, whatever host id
+        // it was recorded under.
+        let running = self.running_by_agent(None)?;
         let mut out = SlotClaim { running, job: None };
         let free = out.free_agents(limits, total);
         if free.is_empty() {

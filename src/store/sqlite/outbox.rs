@@ -49,11 +49,12 @@ impl OutboxReads for SqliteTx<'_> {
             "SELECT {OUTBOX_COLS} FROM outbox
              WHERE status = 'pending' AND status <> 'done'
                AND (next_attempt_at IS NULL OR next_attempt_at <= {NOW_SQL})
-               AND (host IS NULL OR host = ?2)
              ORDER BY id LIMIT ?1"
         ))?;
+        // One machine's file: an effect bound to a host is this one's, whatever its id.
+        let _ = host;
         let rows = stmt
-            .query_map(params![limit, host], outbox_row)?
+            .query_map(params![limit], outbox_row)?
             .collect::<rusqlite::Result<Vec<_>>>()?;
         Ok(rows)
     }
@@ -199,16 +200,24 @@ impl OutboxWrites for SqliteTx<'_> {
     }
 
     /// Marks a pending effect failed without running it (attempts exhausted).
-    fn fail_effect(&self, id: i64, error: &str) -> Result<bool> {
+    fn fail_effect(&self, id: i64, error: &str, observed: &EffectOwner) -> Result<bool> {
         let n = self
             .c
             .prepare_cached(&format!(
                 "UPDATE outbox SET status = 'failed', last_error = ?2, updated_at = {NOW_SQL},
                         claimed_pid = NULL, claimed_start = NULL, claimed_until = NULL,
                         claimed_host = NULL
-                 WHERE id = ?1 AND status = 'pending'"
+                 WHERE id = ?1 AND status = 'pending'
+                   AND (claimed_pid IS NULL OR claimed_until < {NOW_SQL}
+                        OR (claimed_pid = ?3 AND claimed_start IS ?4 AND claimed_host IS ?5))"
             ))?
-            .execute(params![id, error])?;
+            .execute(params![
+                id,
+                error,
+                observed.pid,
+                observed.start,
+                observed.host
+            ])?;
         Ok(n == 1)
     }
 

@@ -14,6 +14,11 @@ use crate::pipeline::Stage;
 use crate::store::{NewTask, TaskReads, TaskWrites};
 
 impl TaskReads for SqliteTx<'_> {
+    fn peek_task(&self, id: i64) -> Result<Option<Task>> {
+        // One writer at a time: nothing to lock.
+        self.task(id)
+    }
+
     fn task(&self, id: i64) -> Result<Option<Task>> {
         self.c
             .prepare_cached(&format!("SELECT {TASK_COLS} FROM tasks WHERE id = ?1"))?

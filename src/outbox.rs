@@ -205,8 +205,12 @@ pub fn run_for_task(ctx: &Ctx, task_id: i64) -> Result<Vec<EffectReport>> {
 /// cross-host STOP's kill happens within one timer interval of the agent's host. Costs one
 /// index probe when there is nothing.
 pub fn run_host_effects(ctx: &Ctx) -> Result<OutboxPass> {
-    let rows = ctx.store.read(|r| r.due_effects_of_host(ctx.host(), 100))?;
     let mut pass = OutboxPass::default();
+    // One machine's SQLite file binds no effect to a host: no query on every dispatch.
+    if !ctx.config.hosts_shared {
+        return Ok(pass);
+    }
+    let rows = ctx.store.read(|r| r.due_effects_of_host(ctx.host(), 100))?;
     if rows.is_empty() {
         return Ok(pass);
     }

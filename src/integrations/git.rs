@@ -457,34 +457,17 @@ fn stale_age(path: &Path, limit: Duration) -> Option<(Duration, (u64, u64))> {
 
 /// Whether any process this user can see has `path` open (`/proc/<pid>/fd`).
 fn held_open(path: &Path) -> bool {
-    let Ok(procs) = std::fs::read_dir("/proc") else {
-        // Without /proc nothing can be proven free: treat the lock as held.
-        return true;
-    };
-    for p in procs.flatten() {
-        if !p
-            .file_name()
-            .to_string_lossy()
-            .bytes()
-            .all(|b| b.is_ascii_digit())
-        {
-            continue;
-        }
-        let Ok(fds) = std::fs::read_dir(p.path().join("fd")) else {
-            continue;
-        };
-        if fds
-            .flatten()
-            .any(|fd| std::fs::read_link(fd.path()).is_ok_and(|target| target == path))
-        {
-            return true;
-        }
-    }
-    false
+    any_open_file(|target| target == path)
 }
 
 /// Whether any process this user can see has a file under `dir` open.
 fn held_open_under(dir: &Path) -> bool {
+    any_open_file(|target| target.starts_with(dir))
+}
+
+/// Whether an open file descriptor of any process this user can see points at a file
+/// `matches` accepts. Without /proc nothing can be proven free: then it says yes.
+fn any_open_file(matches: impl Fn(&Path) -> bool) -> bool {
     let Ok(procs) = std::fs::read_dir("/proc") else {
         return true;
     };
@@ -502,7 +485,7 @@ fn held_open_under(dir: &Path) -> bool {
         };
         if fds
             .flatten()
-            .any(|fd| std::fs::read_link(fd.path()).is_ok_and(|target| target.starts_with(dir)))
+            .any(|fd| std::fs::read_link(fd.path()).is_ok_and(|target| matches(&target)))
         {
             return true;
         }

@@ -16,6 +16,7 @@ use serde_json::json;
 use crate::jobs;
 use crate::outbox::{self, OutboxPass};
 use crate::stop;
+use crate::store::Writer;
 use crate::Ctx;
 
 #[derive(Debug, Clone, Serialize)]
@@ -145,18 +146,7 @@ fn dead_hosts(ctx: &Ctx) -> Result<Vec<String>> {
         let reason = format!(
             "host {host} was judged dead (unseen for more than ORCH_HOST_DEAD_SECS={secs} s)"
         );
-        let touched = ctx.store.write(|w| {
-            let mut touched = Vec::new();
-            for row in w.fail_effects_of_host(&host, &reason)? {
-                w.event(
-                    row.task_id,
-                    &row.kind,
-                    &json!({ "outbox_id": row.id, "status": "failed", "error": reason, "host": host }),
-                )?;
-                touched.extend(row.task_id);
-            }
-            Ok(touched)
-        })?;
+        let touched = ctx.store.write(|w| fail_bound_effects(w, &host, &reason))?;
         for t in touched {
             outbox::run_for_task(ctx, t)?;
         }
@@ -180,17 +170,12 @@ fn dead_hosts(ctx: &Ctx) -> Result<Vec<String>> {
                     touched.push(t);
                 }
             }
-            for row in w.fail_effects_of_host(&host, &reason)? {
-                w.event(
-                    row.task_id,
-                    &row.kind,
-                    &json!({ "outbox_id": row.id, "status": "failed", "error": reason, "host": host }),
-                )?;
-                if let Some(t) = row.task_id {
-                    touched.push(t);
-                }
-            }
-            w.event(None, "host_dead", &json!({ "host": host, "reason": reason }))?;
+            touched.extend(fail_bound_effects(w, &host, &reason)?);
+            w.event(
+                None,
+                "host_dead",
+                &json!({ "host": host, "reason": reason }),
+            )?;
             Ok(Some(touched))
         })?;
         if let Some(mut touched) = touched {
@@ -203,4 +188,19 @@ fn dead_hosts(ctx: &Ctx) -> Result<Vec<String>> {
         }
     }
     Ok(dead)
+}
+
+/// Fails the pending effects bound to dead `host` with `reason`, each written to its
+/// task's log; returns their tasks (what waited behind them may run now).
+fn fail_bound_effects(w: &Writer, host: &str, reason: &str) -> Result<Vec<i64>> {
+    let mut touched = Vec::new();
+    for row in w.fail_effects_of_host(host, reason)? {
+        w.event(
+            row.task_id,
+            &row.kind,
+            &json!({ "outbox_id": row.id, "status": "failed", "error": reason, "host": host }),
+        )?;
+        touched.extend(row.task_id);
+    }
+    Ok(touched)
 }
